@@ -1,0 +1,5 @@
+import sys
+
+from dfkd.cli import main
+
+sys.exit(main())

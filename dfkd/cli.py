@@ -1,0 +1,166 @@
+"""`dfkd`: one entry point with subcommands. Flags are a thin layer over the typed `Settings`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import DfkdError
+
+
+def _settings(args: argparse.Namespace, **overrides: Any):
+    from shared.config import Settings
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if getattr(args, "device", None):
+        overrides["device"] = args.device
+    return Settings.load(args.config, **overrides)
+
+
+def _parse_classes(text: str, num_classes: int) -> list[int]:
+    if text == "all":
+        return list(range(num_classes))
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise DfkdError(f"--classes must be 'all' or comma-separated class ids, got {text!r}") from None
+    if not classes:
+        raise DfkdError("--classes is empty")
+    return classes
+
+
+def cmd_teacher_train(args: argparse.Namespace) -> int:
+    from shared.config import resolve_device
+    from trainer.teacher_train import train_teacher
+
+    recipe = {"dataset": args.dataset, "arch": args.arch, "epochs": args.epochs, "train_limit": args.train_limit,
+              "test_limit": args.test_limit}
+    s = _settings(args, teacher_train={k: v for k, v in recipe.items() if v is not None})
+    out = Path(args.out) if args.out else s.runs_dir / "teachers"
+    _, card_path = train_teacher(s.teacher_train, s.data, out, name=args.name, device=resolve_device(s.device))
+    print(f"teacher card: {card_path}")
+    return 0
+
+
+def run_synthesis(s, teacher, classes: list[int], per_class: int, out_dir: Path, iterations: int | None = None,
+                  return_logits: bool = False, student=None, quiet: bool = False) -> dict[str, Any]:
+    """Invert `per_class` images of each class and write grid/npz/report; shared by `synth` and `demo`."""
+    from tqdm import tqdm
+
+    from shared.config import resolve_device
+    from synth_service.engine import InversionEngine
+    from synth_service.report import write_outputs
+
+    device = resolve_device(s.device)
+    with InversionEngine(teacher, s.synth, device=device, student=student) as engine:
+        with tqdm(total=1, unit="it", desc="synth", disable=quiet, file=sys.stderr) as bar:
+            def progress(step: int, total: int, terms: dict[str, float]) -> None:
+                bar.total = total
+                bar.update(step - bar.n)
+                bar.set_postfix(ce=f"{terms['ce']:.3f}", bn=f"{terms['bn']:.3f}")
+
+            result = engine.synthesize_classes(classes, per_class, seed=s.seed, iterations=iterations,
+                                               return_logits=return_logits, progress=progress)
+    settings = {"synth": s.synth.model_dump(mode="json"), "seed": s.seed, "device": str(device),
+                "classes": classes, "per_class": per_class}
+    return write_outputs(result, teacher.card, out_dir, settings)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from shared.teacher import resolve_teacher
+
+    synth = {"batch_size": args.batch_size}
+    s = _settings(args, seed=args.seed, synth={k: v for k, v in synth.items() if v is not None})
+    ref = args.teacher or s.teacher
+    if ref is None:
+        raise DfkdError("no teacher: pass --teacher CARD.json (or a model name) or set `teacher` in the config")
+    teacher = resolve_teacher(ref, Path(args.weights) if args.weights else None)
+    student = resolve_teacher(args.student).model if args.student else None
+    classes = _parse_classes(args.classes, teacher.card.num_classes)
+    out = Path(args.out) if args.out else s.runs_dir / "synth" / time.strftime("%Y%m%d-%H%M%S")
+    report = run_synthesis(s, teacher, classes, args.per_class, out, iterations=args.iterations,
+                           return_logits=args.logits, student=student, quiet=args.quiet)
+    summary = {k: report[k] for k in ("images", "seconds", "images_per_second", "teacher_top1",
+                                      "teacher_confidence", "intra_class_diversity", "bn_distance_fall")}
+    print(json.dumps(summary | {"out": str(out)}))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from shared.models import list_models
+
+    print("\n".join(list_models()))
+    print("(plus any timm model name, e.g. resnet50)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dfkd.demo import run_demo
+
+    run_demo(_settings(args), per_class=args.per_class)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfkd", description="Data-free ViT distillation: synthesis and training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
+        p.add_argument("--config", default=default_config,
+                       help="YAML config file or preset (digits, cifar10, imagenet); env DFKD_* overrides it")
+        p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+
+    teacher = sub.add_parser("teacher", help="teacher networks").add_subparsers(dest="action", required=True)
+    p = teacher.add_parser("train", help="train a teacher on real data; writes safetensors + a JSON card")
+    common(p)
+    p.add_argument("--dataset", choices=["digits", "cifar10"])
+    p.add_argument("--arch", help="model name (see `dfkd models`)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--train-limit", type=int, help="use only the first N training images")
+    p.add_argument("--test-limit", type=int, help="evaluate on only the first N held-out images")
+    p.add_argument("--name", help="file stem for the weights and card")
+    p.add_argument("--out", help="output folder (default: <runs_dir>/teachers)")
+    p.set_defaults(func=cmd_teacher_train)
+
+    p = sub.add_parser("synth", help="synthesize images of given classes from a teacher")
+    common(p)
+    p.add_argument("--teacher", help="teacher card (JSON) or model name")
+    p.add_argument("--weights", help="local weights for a model-name teacher (.safetensors, .pt)")
+    p.add_argument("--student", help="student card for Adaptive-DI competition (needs synth.competition > 0)")
+    p.add_argument("--classes", default="all", help="'all' or comma-separated class ids")
+    p.add_argument("--per-class", type=int, default=8, help="images per class")
+    p.add_argument("--iterations", type=int, help="total optimisation steps (scales the schedule)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--logits", action="store_true", help="also store the teacher's logits")
+    p.add_argument("--out", help="output folder (default: <runs_dir>/synth/<time>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("models", help="list the project's model names")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="CPU demo on digits: teacher -> synthetic images -> student accuracy")
+    common(p, default_config="digits")
+    p.add_argument("--per-class", type=int, default=30)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DfkdError, FileNotFoundError) as exc:
+        print(f"dfkd: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # pydantic validation of config values
+        print(f"dfkd: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Contract package shared by the synthesis service and the trainer: config, models, weights, data."""

@@ -1,0 +1,150 @@
+"""The one typed config: defaults < YAML file < environment (DFKD_*, nested with __) < explicit overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+PRESETS = ("digits", "cifar10", "imagenet")
+
+
+class SynthConfig(BaseModel):
+    """DeepInversion + ADI + BPID settings. Defaults follow the ImageNet reference (ResNet-50, 224 px)."""
+
+    model_config = {"extra": "forbid"}
+
+    batch_size: int = Field(152, ge=1, le=4096, description="images per engine batch")
+    iterations: int = Field(2000, ge=1, le=100_000, description="steps at full resolution (no schedule)")
+    resolution_schedule: list[tuple[int, int]] | None = Field(
+        None, description="[(resolution, iterations), ...]; overrides `iterations`, e.g. [[112, 2000], [224, 1000]]")
+    lr: float = Field(0.25, gt=0, le=10)
+    betas: tuple[float, float] = (0.5, 0.9)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="linear warm-up share of each phase, then cosine")
+    bn_weight: float = Field(0.01, ge=0, description="a_f: BN-statistics matching")
+    first_bn_multiplier: float = Field(10.0, ge=0)
+    bn_layer_weights: list[float] | None = Field(None, description="per-BN-layer weights in forward order")
+    tv_l1: float = Field(0.0, ge=0)
+    tv_l2: float = Field(1e-4, ge=0)
+    l2: float = Field(1e-5, ge=0)
+    jitter: int = Field(30, ge=0, le=512, description="roll-jitter in pixels at full resolution")
+    flip: bool = True
+    competition: float = Field(0.0, ge=0, description="a_c: Adaptive-DI teacher/student competition (needs a student)")
+    competition_temperature: float = Field(3.0, gt=0)
+    diversity: float = Field(0.0, ge=0, description="a_div: BPID intra-class divergence")
+    boundary: float = Field(0.0, ge=0, description="a_bp: BPID boundary margin")
+    margin: float = Field(1.0, ge=0, description="m: teacher logit margin kept by the boundary term")
+    keep_best: bool = True
+    amp: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool | None = Field(None, description="None: on CUDA only")
+    compile: bool = False
+    log_every: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SynthConfig":
+        if self.resolution_schedule is not None:
+            if not self.resolution_schedule:
+                raise ValueError("resolution_schedule must have at least one (resolution, iterations) phase")
+            for res, iters in self.resolution_schedule:
+                if res < 4 or iters < 1:
+                    raise ValueError(f"bad schedule phase ({res}, {iters}): resolution >= 4, iterations >= 1")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        return self
+
+    def phases(self, image_size: int) -> list[tuple[int, int]]:
+        return [tuple(p) for p in self.resolution_schedule] if self.resolution_schedule else [(image_size, self.iterations)]
+
+
+class DataConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    cifar10_dir: Path = Field(Path("../shared/data/cifar10"), description="JPEG copy of CIFAR-10 (see its README)")
+    digits_size: int = Field(16, ge=8, le=64, description="digits are upsampled from 8x8 to this size")
+
+
+class TeacherRecipe(BaseModel):
+    """How `dfkd teacher train` trains a teacher. Unset fields take the dataset's preset."""
+
+    model_config = {"extra": "forbid"}
+
+    dataset: Literal["digits", "cifar10"] = "digits"
+    arch: str | None = None
+    epochs: int | None = Field(None, ge=1, le=10_000)
+    batch_size: int | None = Field(None, ge=1, le=65_536)
+    optimizer: Literal["sgd", "adamw"] | None = None
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    label_smoothing: float | None = Field(None, ge=0, lt=1)
+    crop_padding: int | None = Field(None, ge=0)
+    flip: bool | None = None
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training images (smoke tests)")
+    test_limit: int | None = Field(None, ge=1, description="evaluate on only the first N held-out images")
+    seed: int = Field(0, ge=0)
+
+    def resolved(self) -> "TeacherRecipe":
+        preset = TEACHER_PRESETS[self.dataset]
+        return self.model_copy(update={k: v for k, v in preset.items() if getattr(self, k) is None})
+
+
+TEACHER_PRESETS: dict[str, dict[str, Any]] = {
+    "digits": dict(arch="digits_cnn", epochs=20, batch_size=64, optimizer="adamw", lr=3e-3, weight_decay=5e-4,
+                   label_smoothing=0.0, crop_padding=2, flip=False),
+    "cifar10": dict(arch="wrn_40_2", epochs=200, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4,
+                    label_smoothing=0.0, crop_padding=4, flip=True),
+}
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Load with `Settings.load(yaml_path, **overrides)`."""
+
+    model_config = SettingsConfigDict(env_prefix="DFKD_", env_nested_delimiter="__", extra="forbid")
+
+    teacher: Path | None = Field(None, description="teacher card (JSON) written by `dfkd teacher train`")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    seed: int = Field(0, ge=0)
+    runs_dir: Path = Path("runs")
+    synth: SynthConfig = SynthConfig()
+    data: DataConfig = DataConfig()
+    teacher_train: TeacherRecipe = TeacherRecipe()
+
+    _yaml_file: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, yaml_file: Path | str | None = None, **overrides: Any) -> "Settings":
+        """`yaml_file` (or $DFKD_CONFIG), a path or a preset name, is read first; env vars and `overrides` win."""
+        import os
+
+        path = yaml_file or os.environ.get("DFKD_CONFIG")
+        if path is not None and not Path(path).is_file():
+            if str(path) not in PRESETS:
+                raise FileNotFoundError(f"config file not found: {path} (presets: {', '.join(PRESETS)})")
+            path = PRESETS_DIR / f"{path}.yaml"
+        cls._yaml_file = Path(path) if path else None
+        try:
+            return cls(**overrides)
+        finally:
+            cls._yaml_file = None
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+

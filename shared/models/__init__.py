@@ -1,0 +1,7 @@
+"""Model construction: the project's own small nets plus any timm model, behind one `create_model`."""
+from shared.models.registry import create_model, is_model, list_models, register_model
+
+# Importing the modules registers their models.
+from shared.models import cifar_resnet, digits, wide_resnet  # noqa: F401,E402
+
+__all__ = ["create_model", "is_model", "list_models", "register_model"]

@@ -1,0 +1,1 @@
+"""Synthesis: the inversion engine (pure torch) and, on top of it, the service layers."""

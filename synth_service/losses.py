@@ -1,0 +1,62 @@
+"""Inversion loss terms (DESIGN §3). All take and return fp32 tensors; none syncs with the host."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def total_variation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TV-L1 and TV-L2 over 4 directions (horizontal, vertical, two diagonals).
+
+    As in the reference: L1 is the mean absolute difference, L2 the Frobenius norm over the batch, each summed over
+    the directions, so published coefficients carry over.
+    """
+    diffs = (
+        x[:, :, :, :-1] - x[:, :, :, 1:],
+        x[:, :, :-1, :] - x[:, :, 1:, :],
+        x[:, :, 1:, :-1] - x[:, :, :-1, 1:],
+        x[:, :, :-1, :-1] - x[:, :, 1:, 1:],
+    )
+    tv_l1 = sum(d.abs().mean() for d in diffs)
+    tv_l2 = sum(torch.linalg.vector_norm(d) for d in diffs)
+    return tv_l1, tv_l2
+
+
+def l2_prior(x: torch.Tensor) -> torch.Tensor:
+    """Mean over images of each image's L2 norm."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).mean()
+
+
+def bn_statistics_distance(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor,
+                           running_var: torch.Tensor) -> torch.Tensor:
+    """One BN layer's term: ||mu - RM||_2 + ||var - RV||_2 (biased batch variance)."""
+    return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
+
+
+def js_competition(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Adaptive-DI term 1 - JS(p_T, p_S) at temperature T: minimising it seeks images the two disagree on."""
+    p = F.softmax(teacher_logits / temperature, dim=1)
+    q = F.softmax(student_logits / temperature, dim=1)
+    m = (0.5 * (p + q)).clamp_min(1e-12).log()
+    js = 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+    return 1.0 - js.clamp(0.0, 1.0)
+
+
+def intra_class_divergence(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BPID L_div: minus the mean squared distance between L2-normalised features of same-class pairs (i != j).
+
+    Zero when the batch has no same-class pair.
+    """
+    f = F.normalize(features, dim=1)
+    sq_dist = (2.0 - 2.0 * f @ f.t()).clamp_min(0.0)
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    pairs = same.sum()
+    return -(sq_dist * same).sum() / pairs.clamp_min(1)
+
+
+def boundary_margin(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """BPID L_bp: mean hinge on the target logit's lead over the best other class, kept at least `margin`."""
+    target = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return F.relu(margin - (target - others.amax(dim=1))).mean()

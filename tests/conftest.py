@@ -1,0 +1,43 @@
+"""Session fixtures: real digits teachers trained once per test run (seconds on 2 cores)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from shared.config import Settings, TeacherRecipe
+from shared.teacher import Teacher, load_teacher
+from trainer.teacher_train import train_teacher
+
+
+@pytest.fixture(scope="session")
+def digits_settings() -> Settings:
+    """The shipped digits preset: what the demo runs is what the tests check."""
+    return Settings.load("digits", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("teachers")
+
+
+@pytest.fixture(scope="session")
+def digits_teacher_run(digits_settings, teacher_dir) -> tuple[Teacher, float]:
+    started = time.perf_counter()
+    _, card_path = train_teacher(digits_settings.teacher_train, digits_settings.data, teacher_dir,
+                                 name="digits_cnn", log=lambda m: None)
+    return load_teacher(card_path), time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(digits_teacher_run) -> Teacher:
+    return digits_teacher_run[0]
+
+
+@pytest.fixture(scope="session")
+def digits_verifier(digits_settings, teacher_dir) -> Teacher:
+    """A different architecture (5x5 convs, no BatchNorm) trained on the same real digits."""
+    recipe = TeacherRecipe(dataset="digits", arch="digits_lenet")
+    _, card_path = train_teacher(recipe, digits_settings.data, teacher_dir, name="digits_lenet", log=lambda m: None)
+    return load_teacher(card_path)

@@ -1,0 +1,34 @@
+"""bench/synth_throughput.py runs on the CPU and ends with one JSON line of measured figures."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from shared.models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_synth_throughput_prints_its_json_line():
+    res = subprocess.run([sys.executable, "bench/synth_throughput.py", "--teacher", "resnet18", "--resolution", "32",
+                          "--batch", "8", "--iterations", "4", "--warmup-iterations", "1", "--device", "cpu"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["bench"] == "synth_throughput" and out["device"].startswith("cpu")
+    assert out["batch"] == 8 and out["iterations"] == 4 and out["amp"] == "fp32"
+    assert out["images_per_s"] > 0
+    assert abs(out["image_iterations_per_s"] - 8 * 4 / out["seconds"]) < 0.01 * out["image_iterations_per_s"] + 0.1
+    # The teacher is frozen, so the backward computes only input gradients: about one forward's worth of FLOPs
+    # (a backward with weight gradients would make the ratio about 3).
+    model = create_model("resnet18", num_classes=1000).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    ratio = out["flops_per_image_iteration"] / counter.get_total_flops()
+    assert 1.9 < ratio < 2.2, ratio

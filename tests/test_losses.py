@@ -1,0 +1,100 @@
+"""Each inversion loss term against a direct, loop-based formula on random inputs."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from synth_service.bn_hooks import BNStatsHooks
+from synth_service.losses import (
+    boundary_margin,
+    intra_class_divergence,
+    js_competition,
+    l2_prior,
+    total_variation,
+)
+from trainer.logit_kd import kd_loss
+
+torch.manual_seed(0)
+
+
+def test_total_variation_matches_direct_sums():
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    n, c, h, w = x.shape
+    shifts = [(0, 1), (1, 0), (1, -1), (1, 1)]  # right, down, down-left, down-right neighbours
+    l1, l2 = 0.0, 0.0
+    for dy, dx in shifts:
+        diffs = [float(x[b, ch, i, j] - x[b, ch, i + dy, j + dx])
+                 for b in range(n) for ch in range(c) for i in range(h) for j in range(w)
+                 if 0 <= i + dy < h and 0 <= j + dx < w]
+        l1 += sum(abs(d) for d in diffs) / len(diffs)
+        l2 += math.sqrt(sum(d * d for d in diffs))
+    got_l1, got_l2 = total_variation(x)
+    assert float(got_l1) == pytest.approx(l1, rel=1e-9)
+    assert float(got_l2) == pytest.approx(l2, rel=1e-9)
+
+
+def test_l2_prior_is_mean_image_norm():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    expected = sum(math.sqrt(float((x[i] ** 2).sum())) for i in range(4)) / 4
+    assert float(l2_prior(x)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_bn_hook_distance_matches_direct_statistics():
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.copy_(torch.randn(3))
+    bn.running_var.copy_(torch.rand(3) + 0.5)
+    model = nn.Sequential(nn.Identity(), bn)
+    hooks = BNStatsHooks(model)
+    x = torch.randn(4, 3, 5, 5)
+    model(x)
+    got = hooks.pop()
+    values = x.permute(1, 0, 2, 3).reshape(3, -1)
+    mean = values.mean(1)
+    var = ((values - mean[:, None]) ** 2).mean(1)  # biased, as BN uses in training
+    expected = (mean - bn.running_mean).norm() + (var - bn.running_var).norm()
+    assert got.shape == (1,)
+    assert float(got[0]) == pytest.approx(float(expected), rel=1e-5)
+    hooks.remove()
+
+
+def test_js_competition_matches_formula():
+    t, s, temp = torch.randn(5, 7), torch.randn(5, 7), 3.0
+    p, q = (t / temp).softmax(1), (s / temp).softmax(1)
+    m = (p + q) / 2
+    kl = lambda a, b: float((a * (a / b).log()).sum()) / len(a)  # noqa: E731
+    js = 0.5 * kl(p, m) + 0.5 * kl(q, m)
+    assert float(js_competition(t, s, temp)) == pytest.approx(1 - js, rel=1e-5)
+    assert float(js_competition(t, t, temp)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_intra_class_divergence_matches_pair_loop():
+    f = torch.randn(9, 6, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3])
+    fn = f / f.norm(dim=1, keepdim=True)
+    pairs = [(i, j) for i, j in itertools.permutations(range(9), 2) if y[i] == y[j]]
+    expected = -sum(float(((fn[i] - fn[j]) ** 2).sum()) for i, j in pairs) / len(pairs)
+    assert float(intra_class_divergence(f, y)) == pytest.approx(expected, rel=1e-9)
+    # No same-class pair: the term is zero, not NaN.
+    assert float(intra_class_divergence(f[:3], torch.tensor([0, 1, 2]))) == 0.0
+
+
+def test_boundary_margin_matches_hinge_loop():
+    z = torch.randn(6, 5) * 3
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    m = 2.0
+    expected = 0.0
+    for i in range(6):
+        other = max(float(z[i, c]) for c in range(5) if c != y[i])
+        expected += max(0.0, m - (float(z[i, y[i]]) - other))
+    assert float(boundary_margin(z, y, m)) == pytest.approx(expected / 6, rel=1e-6)
+
+
+def test_kd_loss_matches_formula():
+    s, t, temp = torch.randn(4, 10), torch.randn(4, 10), 4.0
+    p_t, p_s = (t / temp).softmax(1), (s / temp).softmax(1)
+    expected = float((p_t * (p_t.log() - p_s.log())).sum()) / 4 * temp ** 2
+    assert float(kd_loss(s, t, temp)) == pytest.approx(expected, rel=1e-5)

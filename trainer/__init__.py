@@ -1,0 +1,1 @@
+"""Training: teachers on real data, and students from synthetic images."""
