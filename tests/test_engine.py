@@ -163,3 +163,17 @@ def test_plan_batches_fills_batches_and_keeps_pairs(classes, per_class, batch):
     assert max(map(len, batches)) - min(map(len, batches)) <= 3  # near-equal, no runt batch
     for b in batches:
         assert all(b.count(c) >= 2 for c in set(b)), b
+
+
+@pytest.mark.slow
+def test_compiled_path_matches_plain_losses_on_cpu(digits_teacher):
+    """torch.compile traces the BN hooks too: same loss terms, and a full synthesis runs."""
+    x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    with InversionEngine(digits_teacher, FAST) as plain:
+        _, ref = plain.loss_terms(x, y)
+    with InversionEngine(digits_teacher, FAST.model_copy(update={"compile": True})) as compiled:
+        _, got = compiled.loss_terms(x, y)
+        compiled.synthesize([0, 0, 1, 1], seed=0)
+    for k in ref:
+        assert float(got[k]) == pytest.approx(float(ref[k]), rel=1e-4, abs=1e-6), k
