@@ -56,6 +56,16 @@ def step_flops(engine: InversionEngine, batch: int, resolution: int) -> int:
     return counter.get_total_flops()
 
 
+def timed_run(engine: InversionEngine, labels: list[int]):
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = engine.synthesize(labels, seed=0)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default="resnet18", help="teacher card (JSON) or model name (random weights)")
@@ -67,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--with-weight-grads", action="store_true",
+                   help="also time a run whose teacher computes weight gradients, as the reference code does")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -82,14 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.warmup_iterations:
             engine.synthesize(labels, seed=1, iterations=args.warmup_iterations)
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        result = engine.synthesize(labels, seed=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        seconds, result = timed_run(engine, labels)
         flops = step_flops(engine, args.batch, card.image_size)
+        if args.with_weight_grads:
+            engine.teacher.requires_grad_(True)
+            unfrozen_seconds, _ = timed_run(engine, labels)
 
     image_iters = args.batch * args.iterations
     out = {
@@ -105,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
         "achieved_tflops": round(flops * args.iterations / seconds / 1e12, 3),
         "teacher_top1_on_images": float((result.teacher_top1 == result.labels).float().mean()),
     }
+    if args.with_weight_grads:
+        out["seconds_with_weight_grads"] = round(unfrozen_seconds, 3)
+        out["speedup_from_frozen_teacher"] = round(unfrozen_seconds / seconds, 3)
     if device.type == "cuda":
         peak = bf16_peak(out["device"])
         out["bf16_peak_tflops"] = peak / 1e12 if peak else None
