@@ -38,6 +38,7 @@ def run_demo(s: Settings, per_class: int = 30, student_arch: str = "digits_cnn_s
     import numpy as np
 
     images = torch.from_numpy(np.load(out / "synth" / "images.npz")["images"])
+    torch.manual_seed(s.seed)  # the student's init must not depend on whether the teacher was trained just now
     student = create_model(student_arch, num_classes=teacher.card.num_classes, in_chans=teacher.card.in_chans)
     print(f"[demo] distilling {student_arch} from the teacher on the synthetic images only")
     distill_logits(student, teacher.model, images, teacher.card.mean, teacher.card.std, device=device,

@@ -156,11 +156,12 @@ class InversionEngine:
         c = self.card
         x = torch.randn(2, c.in_chans, c.image_size, c.image_size, device=self.device,
                         generator=torch.Generator(self.device).manual_seed(0))
-        with torch.no_grad():
+        with torch.no_grad():  # in fp32 even when the loop runs under bf16 autocast
             direct = self.teacher(x)
-            logits, _, _ = self._teacher_forward(x)
+            logits = self.teacher.get_classifier()(
+                self.teacher.forward_head(self.teacher.forward_features(x), pre_logits=True))
         self._bn.distances = []
-        if direct.shape != logits.shape or not torch.allclose(direct.float(), logits, atol=1e-3, rtol=1e-3):
+        if direct.shape != logits.shape or not torch.allclose(direct, logits, atol=1e-4, rtol=1e-4):
             raise InvalidRequestError(
                 f"teacher {c.arch!r} does not follow timm's head protocol (forward_features / forward_head / "
                 "get_classifier); the engine cannot read its penultimate features")

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from shared.config import SynthConfig
 from shared.errors import InvalidRequestError
+from shared.models.digits import DigitsCNN
 from shared.teacher import Teacher, teacher_from_arch
 from synth_service.engine import LOSS_TERMS, InversionEngine, plan_batches
 
@@ -151,6 +152,13 @@ def test_config_errors_are_clear(digits_teacher):
     no_bn = Teacher(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)), digits_teacher.card)
     with pytest.raises(ValueError, match="no BatchNorm"):
         InversionEngine(no_bn, FAST)
+
+    class ScaledLogits(DigitsCNN):  # forward() disagrees with forward_features/forward_head/get_classifier
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(InvalidRequestError, match="head protocol"):
+        InversionEngine(Teacher(ScaledLogits(), digits_teacher.card), FAST)
 
 
 @pytest.mark.parametrize("classes,per_class,batch", [(range(10), 30, 100), (range(10), 8, 100), (range(4), 7, 5),
