@@ -98,6 +98,33 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class StreamConfig(BaseModel):
+    """The Redis stream between the synthesis service and the trainers (DESIGN §5)."""
+
+    model_config = {"extra": "forbid"}
+
+    redis_url: str | None = Field(None, description="redis://host:port/db; None: no streaming (HTTP still works)")
+    run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="stream keys are dfkd:{run}:*")
+    group: str = Field("trainers", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    max_backlog: int = Field(64, ge=1, description="stream entries not yet acknowledged (lag + pending) before "
+                                                   "producers pause")
+    maxlen_safety: int = Field(100_000, ge=10, description="approximate MAXLEN safety cap; >= 4x max_backlog")
+    chunk_bytes: int = Field(16 * 2**20, ge=1024, le=512 * 2**20, description="entries over this are chunked")
+    include_logits: bool = Field(True, description="ship the teacher's fp16 logits with each batch")
+    retry_initial_s: float = Field(0.2, gt=0)
+    retry_max_s: float = Field(10.0, gt=0)
+    dedupe_ttl_s: int = Field(7 * 86400, ge=60, description="how long a published batch id is remembered")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StreamConfig":
+        if self.maxlen_safety < 4 * self.max_backlog:
+            raise ValueError("maxlen_safety must be at least 4x max_backlog so trimming never reaches unread data")
+        return self
+
+    def key(self, name: str) -> str:
+        return f"dfkd:{self.run}:{name}"
+
+
 class Settings(BaseSettings):
     """Everything configurable. Load with `Settings.load(yaml_path, **overrides)`."""
 
@@ -110,6 +137,7 @@ class Settings(BaseSettings):
     synth: SynthConfig = SynthConfig()
     data: DataConfig = DataConfig()
     teacher_train: TeacherRecipe = TeacherRecipe()
+    stream: StreamConfig = StreamConfig()
 
     _yaml_file: ClassVar[Path | None] = None
 
