@@ -89,6 +89,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from synth_service.app import create_app
+
+    service = {"host": args.host, "port": args.port}
+    s = _settings(args, teacher=args.teacher, service={k: v for k, v in service.items() if v is not None})
+    if s.teacher is None:
+        raise DfkdError("no teacher: pass --teacher CARD.json or set `teacher` in the config (DFKD_TEACHER)")
+    uvicorn.run(create_app(s), host=s.service.host, port=s.service.port, log_level="info")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from shared.models import list_models
 
@@ -139,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <runs_dir>/synth/<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("serve", help="run the HTTP synthesis service (and stream production when configured)")
+    common(p)
+    p.add_argument("--teacher", help="teacher card (JSON)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the project's model names")
     p.set_defaults(func=cmd_models)

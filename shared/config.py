@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 
@@ -125,6 +125,28 @@ class StreamConfig(BaseModel):
         return f"dfkd:{self.run}:{name}"
 
 
+class ServiceConfig(BaseModel):
+    """The HTTP synthesis service: batching, limits, auth (DESIGN §6)."""
+
+    model_config = {"extra": "forbid"}
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    auth_token: SecretStr | None = Field(None, description="bearer token; None: no auth")
+    metrics_auth: bool = Field(False, description="also require the token on /metrics")
+    max_batch: int | None = Field(None, ge=1, le=4096, description="images per engine batch; None: synth.batch_size")
+    max_wait_ms: int = Field(100, ge=0, le=60_000, description="how long a batch waits to fill after its first item")
+    max_queue_images: int = Field(1024, ge=1, description="queued images beyond which requests get 429")
+    sync_max_images: int = Field(64, ge=1, le=4096, description="largest POST /v1/images request")
+    max_iterations: int = Field(10_000, ge=1, description="cap on a request's iterations")
+    request_timeout_s: float = Field(600.0, gt=0)
+    job_max_images: int = Field(100_000, ge=1)
+    job_retention: int = Field(32, ge=1, description="jobs kept (finished ones are evicted oldest first)")
+    job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are dropped after this")
+    production_per_class: int = Field(8, ge=2, description="images per class in background batches")
+    production_enabled: bool = Field(False, description="start producing into the stream at start-up")
+
+
 class Settings(BaseSettings):
     """Everything configurable. Load with `Settings.load(yaml_path, **overrides)`."""
 
@@ -138,6 +160,7 @@ class Settings(BaseSettings):
     data: DataConfig = DataConfig()
     teacher_train: TeacherRecipe = TeacherRecipe()
     stream: StreamConfig = StreamConfig()
+    service: ServiceConfig = ServiceConfig()
 
     _yaml_file: ClassVar[Path | None] = None
 

@@ -15,3 +15,7 @@ class WeightsError(DfkdError, ValueError):
 
 class InvalidRequestError(DfkdError, ValueError):
     """A synthesis request with bad arguments (class ids, counts, iterations)."""
+
+
+class WireFormatError(DfkdError, ValueError):
+    """A stream entry that does not decode: unknown version, bad header, missing chunk, wrong size or checksum."""

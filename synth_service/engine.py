@@ -46,6 +46,17 @@ class SynthResult:
     logits: torch.Tensor | None = None  # (N, K) fp32, when requested
     per_image: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image final loss terms
 
+    def select(self, start: int, stop: int) -> "SynthResult":
+        """Images start..stop of this batch, with the batch-level terms and history shared."""
+        part = lambda t: t[start:stop] if t is not None else None  # noqa: E731
+        return SynthResult(
+            images=part(self.images), labels=part(self.labels), teacher_top1=part(self.teacher_top1),
+            teacher_confidence=part(self.teacher_confidence), teacher_margin=part(self.teacher_margin),
+            features=part(self.features), final_terms=self.final_terms, history=self.history,
+            seconds=self.seconds, iterations=self.iterations, seed=self.seed, logits=part(self.logits),
+            per_image={k: part(v) for k, v in self.per_image.items()},
+        )
+
     @staticmethod
     def concat(results: Sequence["SynthResult"]) -> "SynthResult":
         first = results[0]
@@ -230,8 +241,12 @@ class InversionEngine:
         return loss, terms
 
     def synthesize(self, labels: Sequence[int] | torch.Tensor, seed: int = 0, iterations: int | None = None,
-                   return_logits: bool = False, progress: ProgressFn | None = None) -> SynthResult:
-        """Invert one batch. `iterations` scales every phase of the schedule to that total."""
+                   return_logits: bool = False, progress: ProgressFn | None = None,
+                   init: torch.Tensor | None = None) -> SynthResult:
+        """Invert one batch. `iterations` scales every phase of the schedule to that total.
+
+        `init` (N, C, H, W) replaces the seeded starting noise, so coalesced requests keep their own seeds.
+        """
         if not self._bn.active:
             raise RuntimeError("this engine was closed")
         cfg, card = self.config, self.card
@@ -247,7 +262,10 @@ class InversionEngine:
         gen = torch.Generator().manual_seed(seed)
         n, size = len(y), card.image_size
         # Noise drawn on the CPU so a seed gives the same start on any device.
-        x = torch.randn(n, card.in_chans, size, size, generator=gen).to(self.device)
+        shape = (n, card.in_chans, size, size)
+        if init is not None and tuple(init.shape) != shape:
+            raise InvalidRequestError(f"init has shape {tuple(init.shape)}, expected {shape}")
+        x = (init.detach().float().clone() if init is not None else torch.randn(shape, generator=gen)).to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)

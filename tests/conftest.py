@@ -10,6 +10,8 @@ from shared.config import Settings, TeacherRecipe
 from shared.teacher import Teacher, load_teacher
 from trainer.teacher_train import train_teacher
 
+pytest_plugins = ["redis_fixture"]  # real Redis fixtures: redis_server, redis_client
+
 
 @pytest.fixture(scope="session")
 def digits_settings() -> Settings:

@@ -32,3 +32,15 @@ def test_synth_throughput_prints_its_json_line():
         model(torch.randn(1, 3, 32, 32))
     ratio = out["flops_per_image_iteration"] / counter.get_total_flops()
     assert 1.9 < ratio < 2.2, ratio
+
+
+def test_http_coalescing_prints_its_json_line(digits_teacher, teacher_dir):
+    res = subprocess.run([sys.executable, "bench/http_coalescing.py", "--teacher", str(teacher_dir / "digits_cnn.json"),
+                          "--requests", "8", "--per-request", "2", "--iterations", "2", "--device", "cpu"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["bench"] == "http_coalescing" and out["max_batch"] == 16
+    for scenario in ("one_full_batch", "concurrent_small"):
+        assert out[scenario]["engine_batches"] >= 1 and out[scenario]["wall_s"] > 0
+    assert out["one_full_batch"]["engine_batches"] == 1 and out["one_full_batch"]["batch_fill"] == 1.0

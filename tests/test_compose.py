@@ -67,7 +67,9 @@ def test_compose_services_are_what_exists_so_far(compose):
     assert set(services) == {"redis", "synth"}
     assert services["redis"]["image"] == "redis:7.2-alpine"
     assert services["synth"]["build"]["dockerfile"] == "docker/Dockerfile"
-    assert services["synth"]["command"][0] == "synth"
+    assert services["synth"]["command"][0] == "serve"
+    assert services["synth"]["environment"]["DFKD_STREAM__REDIS_URL"] == "redis://redis:6379/0"
+    assert services["synth"]["depends_on"]["redis"]["condition"] == "service_healthy"
     [gpu] = services["synth"]["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["driver"] == "nvidia" and gpu["count"] == 1 and gpu["capabilities"] == ["gpu"]
 

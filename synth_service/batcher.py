@@ -1,0 +1,223 @@
+"""Batcher: one engine worker per process that coalesces requests and background production into full batches.
+
+BN-statistics matching works on batch statistics, so coalescing is about quality as much as speed: a lone 4-image
+request inverted by itself gives worse images than the same request inside a full batch.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from shared.errors import DfkdError, InvalidRequestError
+from synth_service.engine import InversionEngine, SynthResult
+from synth_service.metrics import SynthMetrics
+from synth_service.report import mean_diversity
+
+# Lower runs first: synchronous HTTP requests, then job chunks; background production only fills what is left.
+PRIORITY = {"http": 0, "job": 1}
+
+
+class QueueFullError(DfkdError):
+    """The queue holds as many images as allowed; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class WorkItem:
+    labels: list[int]
+    iterations: int | None
+    init: torch.Tensor
+    destination: str
+    future: Future = field(default_factory=Future)
+    created: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class FillSource:
+    """Background production. `active` must be cheap (no I/O): it is polled under the queue lock."""
+
+    active: Callable[[], bool]
+    next_labels: Callable[[int], list[int]]  # labels for up to n free slots (may be empty)
+    deliver: Callable[[SynthResult], None]  # receives the finished images
+
+
+class Batcher:
+    def __init__(self, engine: InversionEngine, metrics: SynthMetrics, max_batch: int, max_wait_s: float,
+                 max_queue_images: int, fill: FillSource | None = None):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue_images = max_queue_images
+        self.fill = fill
+        self._queues: dict[str, deque[WorkItem]] = {d: deque() for d in PRIORITY}
+        self._queued_images = 0
+        self._cond = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._batch_ids = itertools.count()
+        self._seconds_per_image = 1.0  # running estimate, for Retry-After
+        self.batches_run = 0
+
+    # -- client side ------------------------------------------------------------------------------------------------
+    def submit(self, labels: list[int], iterations: int | None, seed: int, destination: str = "http") -> Future:
+        """Queue images; the future resolves to their SynthResult. Raises QueueFullError when over capacity."""
+        if destination not in PRIORITY:
+            raise ValueError(f"unknown destination {destination!r}")
+        if len(labels) > self.max_batch:
+            raise InvalidRequestError(f"{len(labels)} images exceed the batch size {self.max_batch}; split them")
+        labels = self.engine.validate_labels(labels).tolist()
+        c = self.engine.card
+        init = torch.randn(len(labels), c.in_chans, c.image_size, c.image_size,
+                           generator=torch.Generator().manual_seed(seed))
+        item = WorkItem(labels, iterations, init, destination)
+        with self._cond:
+            if not self._running:
+                raise DfkdError("the batcher is not running")
+            if self._queued_images + len(labels) > self.max_queue_images:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise QueueFullError(f"queue full ({self._queued_images} images waiting)", self.retry_after_s())
+            self._queues[destination].append(item)
+            self._queued_images += len(labels)
+            self.metrics.queue_images.set(self._queued_images)
+            self._cond.notify_all()
+        return item.future
+
+    def retry_after_s(self) -> float:
+        """Roughly when the current queue will have drained."""
+        return max(1.0, round(self._queued_images * self._seconds_per_image, 1))
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    # -- lifecycle --------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            self._running = True
+        self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            for q in self._queues.values():
+                while q:
+                    q.popleft().future.set_exception(DfkdError("the service is shutting down"))
+            self._queued_images = 0
+
+    def wake(self) -> None:
+        """Production was switched on, or the stream has room again."""
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- worker -----------------------------------------------------------------------------------------------------
+    def _take(self, iterations: int | None, space: int, any_iterations: bool = False) -> WorkItem | None:
+        """Pop the first queued item (by priority) that fits `space` and runs at `iterations`."""
+        for dest in PRIORITY:
+            q = self._queues[dest]
+            for i, item in enumerate(q):
+                if len(item.labels) <= space and (any_iterations or item.iterations == iterations):
+                    del q[i]
+                    self._queued_images -= len(item.labels)
+                    return item
+        return None
+
+    def _collect(self) -> tuple[list[WorkItem], int | None] | None:
+        """Block until there is work, then gather compatible items until the batch is full or max_wait passed."""
+        with self._cond:
+            first = None
+            while self._running:
+                first = self._take(None, self.max_batch, any_iterations=True)
+                if first is not None or self._fill_available():
+                    break
+                self._cond.wait(timeout=0.5)
+            if not self._running:
+                return None
+            items = [first] if first is not None else []
+            iterations = first.iterations if first is not None else None
+            n = len(first.labels) if first is not None else 0
+            deadline = (first.created if first is not None else time.monotonic()) + self.max_wait_s
+            while self._running and n < self.max_batch:
+                nxt = self._take(iterations, self.max_batch - n)
+                if nxt is not None:
+                    items.append(nxt)
+                    n += len(nxt.labels)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not items:
+                    break
+                self._cond.wait(timeout=remaining)
+            self.metrics.queue_images.set(self._queued_images)
+            return items, iterations
+
+    def _fill_available(self) -> bool:
+        return self.fill is not None and self.fill.active()
+
+    def _run(self) -> None:
+        while True:
+            collected = self._collect()
+            if collected is None:
+                return
+            items, iterations = collected
+            labels = [c for item in items for c in item.labels]
+            fill_labels: list[int] = []
+            if self.fill is not None and iterations is None and len(labels) < self.max_batch:
+                fill_labels = self.fill.next_labels(self.max_batch - len(labels))
+            if not labels and not fill_labels:
+                continue
+            self._run_batch(items, iterations, fill_labels)
+
+    def _run_batch(self, items: list[WorkItem], iterations: int | None, fill_labels: list[int]) -> None:
+        batch_id = next(self._batch_ids)
+        c = self.engine.card
+        fill_init = torch.randn(len(fill_labels), c.in_chans, c.image_size, c.image_size,
+                                generator=torch.Generator().manual_seed(1_000_003 * batch_id + 17))
+        labels = [x for item in items for x in item.labels] + fill_labels
+        init = torch.cat([item.init for item in items] + [fill_init])
+        try:
+            result = self.engine.synthesize(labels, seed=batch_id, iterations=iterations, init=init,
+                                            return_logits=True)
+        except Exception as exc:  # one bad batch must not kill the worker: fail its requests instead
+            for item in items:
+                item.future.set_exception(exc)
+            return
+        self.batches_run += 1
+        self._record(result, len(labels))
+        start = 0
+        for item in items:
+            part = result.select(start, start + len(item.labels))
+            start += len(item.labels)
+            self.metrics.images_generated.labels(item.destination).inc(len(item.labels))
+            if not item.future.cancelled():
+                item.future.set_result(part)
+        if fill_labels and self.fill is not None:
+            self.metrics.images_generated.labels("stream").inc(len(fill_labels))
+            self.fill.deliver(result.select(start, len(labels)))
+
+    def _record(self, result: SynthResult, n: int) -> None:
+        m = self.metrics
+        m.batches.inc()
+        m.batch_fill.observe(n / self.max_batch)
+        m.batch_duration.observe(result.seconds)
+        m.iteration_duration.observe(result.seconds / max(1, result.iterations))
+        for term, value in result.final_terms.items():
+            m.loss.labels(term).set(value)
+        m.teacher_confidence.set(float(result.teacher_confidence.mean()))
+        m.teacher_top1.set(float((result.teacher_top1 == result.labels).float().mean()))
+        m.diversity.set(mean_diversity(result.features, result.labels))
+        self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * (result.seconds / n)

@@ -1,0 +1,42 @@
+"""Prometheus metrics of the synthesis service (DESIGN §7): one prefix, base units, no class-id labels."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "dfkd_synth"
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class SynthMetrics:
+    """One registry per service instance, so several apps can live in one process (tests)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.images_generated = Counter(f"{PREFIX}_images_generated", "Images synthesized", ["destination"],
+                                        registry=r)
+        self.batches = Counter(f"{PREFIX}_batches", "Engine batches run", registry=r)
+        self.batch_fill = Histogram(f"{PREFIX}_batch_fill_ratio", "Images in a batch / max batch size",
+                                    buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
+        self.batch_duration = Histogram(f"{PREFIX}_batch_duration_seconds", "Wall time of one engine batch",
+                                        buckets=_DURATION_BUCKETS, registry=r)
+        self.iteration_duration = Histogram(f"{PREFIX}_iteration_duration_seconds",
+                                            "Mean wall time of one optimisation step in a batch",
+                                            buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r)
+        self.loss = Gauge(f"{PREFIX}_final_loss", "Loss terms on the last batch's final images", ["term"], registry=r)
+        self.teacher_confidence = Gauge(f"{PREFIX}_teacher_confidence",
+                                        "Mean teacher probability of the target class, last batch", registry=r)
+        self.teacher_top1 = Gauge(f"{PREFIX}_teacher_top1", "Teacher top-1 on the last batch", registry=r)
+        self.diversity = Gauge(f"{PREFIX}_intra_class_diversity",
+                               "Mean intra-class pairwise teacher-feature distance, last batch", registry=r)
+        self.queue_images = Gauge(f"{PREFIX}_queue_images", "Images waiting for an engine batch", registry=r)
+        self.stream_backlog = Gauge(f"{PREFIX}_stream_backlog_entries",
+                                    "Stream entries not yet acknowledged by the trainers (lag + pending)", registry=r)
+        self.stream_published = Counter(f"{PREFIX}_stream_batches_published", "Batches written to the stream",
+                                        registry=r)
+        self.stream_errors = Counter(f"{PREFIX}_stream_errors", "Failed attempts to reach Redis", registry=r)
+        self.rejected = Counter(f"{PREFIX}_rejected_requests", "Requests refused for capacity", ["reason"],
+                                registry=r)
+        self.http_requests = Counter(f"{PREFIX}_http_requests", "HTTP requests", ["route", "method", "code"],
+                                     registry=r)
+        self.http_latency = Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP latency",
+                                      ["route", "method"], buckets=_DURATION_BUCKETS, registry=r)

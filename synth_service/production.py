@@ -1,0 +1,202 @@
+"""Background production into the Redis stream: class policy, backpressure, and a publisher that never drops a batch.
+
+The engine worker asks `active()` (no I/O) whether to fill spare batch slots; a publisher thread owns every Redis
+call, so an outage pauses production while the HTTP API keeps serving.
+"""
+from __future__ import annotations
+
+import os
+import re
+import queue
+import threading
+import time
+import uuid
+from typing import Callable
+
+import redis
+
+from shared.config import Settings
+from shared.teacher import TeacherCard
+from shared.stream import StreamProducer, StreamUnavailableError, connect_redis
+from shared.wire import SynthesisRecord, WireBatch
+from synth_service.batcher import FillSource
+from synth_service.engine import SynthResult
+from synth_service.metrics import SynthMetrics
+from synth_service.schemas import ProductionStatus, ProductionUpdate
+
+PUBLISH_QUEUE = 2  # finished batches waiting for Redis; production pauses while it is full
+REFRESH_S = 0.5
+
+
+def wire_batch(result: SynthResult, card: TeacherCard, producer_id: str, sequence: int,
+               synthesis: dict, include_logits: bool) -> WireBatch:
+    stats = {"teacher_top1": float((result.teacher_top1 == result.labels).float().mean()),
+             "teacher_confidence": float(result.teacher_confidence.mean()), "seconds": result.seconds,
+             **{f"final_{k}": v for k, v in result.final_terms.items()}}
+    return WireBatch(
+        batch_id=f"{producer_id}-{sequence}", sequence=sequence, producer_id=producer_id,
+        teacher_fingerprint=card.fingerprint, mean=tuple(card.mean), std=tuple(card.std),
+        labels=result.labels.tolist(), images=result.images.numpy(),
+        logits=result.logits.half().numpy() if include_logits and result.logits is not None else None,
+        synthesis=SynthesisRecord(params={**synthesis, "iterations": result.iterations}, seed=result.seed),
+        stats=stats,
+        created_at=time.time())
+
+
+class ProductionController:
+    def __init__(self, settings: Settings, card: TeacherCard, metrics: SynthMetrics):
+        self.settings = settings
+        self.stream_cfg = settings.stream
+        self.card = card
+        self.metrics = metrics
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", os.uname().nodename)[:40] or "host"
+        self.producer_id = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.on_capacity: Callable[[], None] = lambda: None
+        self.enabled = settings.service.production_enabled and self.stream_cfg.redis_url is not None
+        self.classes: list[int] | None = None
+        self.per_class = settings.service.production_per_class
+        self.target_images: int | None = None
+        self.images_produced = 0
+        self.batches_published = 0
+        self.redis_ok = False
+        self.backlog: int | None = None
+        self._reserved = 0  # images handed to the engine and not yet published
+        self._cursor = 0
+        self._sequence = 0
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[SynthResult] = queue.Queue(maxsize=PUBLISH_QUEUE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._producer: StreamProducer | None = None
+        if self.stream_cfg.redis_url is not None:
+            client = connect_redis(self.stream_cfg.redis_url, connect_timeout_s=2.0, timeout_s=10.0)
+            # A short retry budget per call: this thread's own loop keeps retrying and can still stop promptly.
+            self._producer = StreamProducer(client, self.stream_cfg, self.producer_id, max_retry_s=1.0)
+
+    # -- engine side (no I/O) ---------------------------------------------------------------------------------------
+    def fill_source(self) -> FillSource:
+        return FillSource(active=self.active, next_labels=self.next_labels, deliver=self.deliver)
+
+    def paused_reason(self) -> str | None:
+        if not self.enabled:
+            return "disabled"
+        if self.stream_cfg.redis_url is None:
+            return "no stream configured"
+        if not self.redis_ok:
+            return "redis unavailable"
+        if self.target_images is not None and self.images_produced + self._reserved >= self.target_images:
+            return "target reached"
+        if self._queue.full():
+            return "publishing"
+        if self.backlog is None or self.backlog >= self.stream_cfg.max_backlog:
+            return "backlog full"
+        return None
+
+    def active(self) -> bool:
+        return self.paused_reason() is None
+
+    def next_labels(self, space: int) -> list[int]:
+        with self._lock:
+            if not self.active():
+                return []
+            groups = space // self.per_class
+            if self.target_images is not None:
+                left = self.target_images - self.images_produced - self._reserved
+                groups = min(groups, left // self.per_class + (1 if left % self.per_class else 0))
+            classes = self.classes or list(range(self.card.num_classes))
+            labels = []
+            for _ in range(max(0, groups)):
+                labels += [classes[self._cursor % len(classes)]] * self.per_class
+                self._cursor += 1
+            if self.target_images is not None:
+                labels = labels[: self.target_images - self.images_produced - self._reserved]
+            self._reserved += len(labels)
+            return labels
+
+    def deliver(self, result: SynthResult) -> None:
+        self._queue.put(result)  # blocks rather than drops; active() keeps this rare
+
+    # -- control ----------------------------------------------------------------------------------------------------
+    def update(self, update: ProductionUpdate) -> None:
+        with self._lock:
+            self.enabled = update.enabled
+            if update.classes is not None or update.enabled:
+                self.classes = update.classes
+            if update.per_class is not None:
+                self.per_class = update.per_class
+            self.target_images = None if update.target_images is None else self.images_produced + update.target_images
+
+    def status(self) -> ProductionStatus:
+        return ProductionStatus(
+            enabled=self.enabled, classes=self.classes, per_class=self.per_class, target_images=self.target_images,
+            images_produced=self.images_produced, batches_published=self.batches_published,
+            pending_publish=self._queue.qsize(),
+            stream=self.stream_cfg.key("batches") if self._producer else None, backlog=self.backlog,
+            max_backlog=self.stream_cfg.max_backlog if self._producer else None, redis_ok=self.redis_ok,
+            paused_reason=self.paused_reason())
+
+    # -- publisher thread -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._producer is None:
+            return
+        self._thread = threading.Thread(target=self._run, name="stream-publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _refresh(self) -> None:
+        was_active = self.active()
+        try:
+            self._producer.ensure_group()
+            self.backlog = self._producer.backlog()
+            self.redis_ok = True
+        except (redis.RedisError, OSError, StreamUnavailableError):
+            self.redis_ok = False
+            self.metrics.stream_errors.inc()
+        if self.backlog is not None:
+            self.metrics.stream_backlog.set(self.backlog)
+        if self.active() and not was_active:
+            self.on_capacity()
+
+    def _publish(self, result: SynthResult) -> None:
+        """Retry until Redis takes the batch or the service stops: an acknowledged image is never dropped."""
+        with self._lock:
+            self._sequence += 1
+            sequence = self._sequence
+        batch = wire_batch(result, self.card, self.producer_id, sequence,
+                           {"teacher": self.card.name, **self.settings.synth.model_dump(mode="json")},
+                           self.stream_cfg.include_logits)
+        delay = self.stream_cfg.retry_initial_s
+        while not self._stop.is_set():
+            try:
+                self._producer.publish(batch)
+                break
+            except (redis.RedisError, OSError, StreamUnavailableError):
+                self.redis_ok = False
+                self.metrics.stream_errors.inc()
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.stream_cfg.retry_max_s)
+        else:
+            return
+        n = len(result.labels)
+        with self._lock:
+            self._reserved -= n
+            self.images_produced += n
+            self.batches_published += 1
+        self.metrics.stream_published.inc()
+
+    def _run(self) -> None:
+        last_refresh = 0.0
+        while not self._stop.is_set():
+            try:
+                result = self._queue.get(timeout=REFRESH_S)
+            except queue.Empty:
+                result = None
+            if result is not None:
+                self._publish(result)
+            if time.monotonic() - last_refresh >= REFRESH_S or result is not None:
+                self._refresh()
+                last_refresh = time.monotonic()
