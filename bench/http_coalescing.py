@@ -76,16 +76,26 @@ def main(argv: list[str] | None = None) -> dict:
            "per_request": args.per_request, "max_wait_ms": args.max_wait_ms,
            "device": str(resolve_device(args.device)), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "commit": git_commit()}
+    def run(name: str, live: LiveServer, bodies: list[dict], max_batch: int) -> None:
+        before = batches_run(live.url)
+        wall, latencies = asyncio.run(scenario(live.url, bodies))
+        used = batches_run(live.url) - before
+        out[name] = {"wall_s": round(wall, 3), "engine_batches": int(used),
+                     "batch_fill": round(batch / (used * max_batch), 3) if used else None,
+                     "latency_p50_s": round(statistics.median(latencies), 3),
+                     "latency_max_s": round(max(latencies), 3), "images_per_s": round(batch / wall, 2)}
+
     with LiveServer(create_app(settings, teacher=teacher)) as live:
-        asyncio.run(scenario(live.url, [{"class_ids": [0], "per_class": 2, "seed": 99}]))  # warm-up
-        for name, bodies in (("one_full_batch", full), ("concurrent_small", small)):
-            before = batches_run(live.url)
-            wall, latencies = asyncio.run(scenario(live.url, bodies))
-            used = batches_run(live.url) - before
-            out[name] = {"wall_s": round(wall, 3), "engine_batches": int(used),
-                         "batch_fill": round(batch / (used * batch), 3) if used else None,
-                         "latency_p50_s": round(statistics.median(latencies), 3),
-                         "latency_max_s": round(max(latencies), 3), "images_per_s": round(batch / wall, 2)}
+        asyncio.run(scenario(live.url, full))  # warm-up at full size: allocator and thread pools, not measured
+        run("one_full_batch", live, full, batch)
+        run("concurrent_small", live, small, batch)
+    # The same 64 requests when the engine may not coalesce: one batch per request.
+    alone = settings.model_copy(update={"service": settings.service.model_copy(
+        update={"max_batch": args.per_request, "max_wait_ms": 0})})
+    with LiveServer(create_app(alone, teacher=teacher)) as live:
+        run("uncoalesced_small", live, small, args.per_request)
+    out["uncoalesced_over_coalesced_wall"] = round(out["uncoalesced_small"]["wall_s"]
+                                                   / out["concurrent_small"]["wall_s"], 3)
     out["concurrent_over_full_wall"] = round(out["concurrent_small"]["wall_s"] / out["one_full_batch"]["wall_s"], 3)
     print(json.dumps(out))
     return out
