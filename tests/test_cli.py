@@ -89,3 +89,43 @@ def test_cifar10_teacher_training_smoke(tmp_path):
     assert card["image_size"] == 32 and card["in_chans"] == 3 and card["class_names"][0] == "airplane"
     assert 0.0 <= card["metrics"]["test_top1"] <= 1.0 and card["metrics"]["test_images"] == 256
     assert (tmp_path / "wrn.safetensors").is_file()
+
+
+def test_serve_runs_the_service(card_path, tmp_path):
+    import os
+    import time
+
+    import httpx
+
+    from synth_service.threaded_server import free_port
+
+    port = free_port()
+    env = os.environ | {"DFKD_SERVICE__AUTH_TOKEN": "t0ken", "DFKD_SYNTH__ITERATIONS": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "dfkd", "serve", "--config", "digits", "--teacher", str(card_path),
+                             "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "dfkd serve did not become ready"
+            time.sleep(0.3)
+        assert httpx.get(f"{url}/v1/classes").status_code == 401  # the env var turned auth on
+        res = httpx.post(f"{url}/v1/images", json={"class_ids": [2], "per_class": 2},
+                         headers={"Authorization": "Bearer t0ken"}, timeout=60)
+        assert res.status_code == 200 and res.headers["x-labels"] == "2,2"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode in (0, -15)
+
+
+def test_serve_without_a_teacher_is_a_clear_error(tmp_path):
+    res = dfkd("serve", "--port", "0", cwd=tmp_path)
+    assert res.returncode == 2 and "no teacher" in res.stderr
