@@ -147,6 +147,51 @@ class ServiceConfig(BaseModel):
     production_enabled: bool = Field(False, description="start producing into the stream at start-up")
 
 
+class StudentConfig(BaseModel):
+    """A timm DeiT/ViT with a distillation token; the first `mhca_blocks` blocks use MHCA (DESIGN §4)."""
+
+    model_config = {"extra": "forbid"}
+
+    img_size: int = Field(16, ge=4, le=1024)
+    patch_size: int = Field(2, ge=1, le=64)
+    in_chans: int = Field(1, ge=1, le=4)
+    num_classes: int = Field(10, ge=2)
+    embed_dim: int = Field(96, ge=8, le=4096)
+    depth: int = Field(6, ge=1, le=48)
+    num_heads: int = Field(4, ge=1, le=64)
+    mlp_ratio: float = Field(2.0, gt=0, le=16)
+    mhca_blocks: int = Field(2, ge=0, description="the first K blocks use MHCA (0: plain DeiT)")
+    mhca_dropout: float = Field(0.1, ge=0, lt=1, description="attention dropout in MHCA blocks")
+    drop_path: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudentConfig":
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.mhca_blocks > self.depth:
+            raise ValueError(f"mhca_blocks {self.mhca_blocks} > depth {self.depth}")
+        return self
+
+
+class DearKDConfig(BaseModel):
+    """Two-stage DearKD losses (DESIGN §4)."""
+
+    model_config = {"extra": "forbid"}
+
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation-token KD term in stage 1")
+    kd: Literal["hard", "soft"] = "hard"
+    temperature: float = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    beta: float = Field(1.0, ge=0, description="weight of the aligned early-feature MSE")
+    feature_pairs: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(1, 1), (2, 2)],
+        description="(teacher stage, student block) pairs, 1-based: the output of teacher stage s is matched to "
+                    "the output of student block b")
+    stage1_fraction: float = Field(0.8, ge=0, le=1, description="share of the steps spent in stage 1")
+
+
 class Settings(BaseSettings):
     """Everything configurable. Load with `Settings.load(yaml_path, **overrides)`."""
 
@@ -161,6 +206,8 @@ class Settings(BaseSettings):
     teacher_train: TeacherRecipe = TeacherRecipe()
     stream: StreamConfig = StreamConfig()
     service: ServiceConfig = ServiceConfig()
+    student: StudentConfig = StudentConfig()
+    dearkd: DearKDConfig = DearKDConfig()
 
     _yaml_file: ClassVar[Path | None] = None
 

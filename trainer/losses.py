@@ -1,0 +1,38 @@
+"""DearKD losses (DESIGN §4): stage 1 distils logits and early features; stage 2 trains on labels alone."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shared.config import DearKDConfig
+
+
+def distillation_token_loss(dist_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str,
+                            temperature: float) -> torch.Tensor:
+    """DeiT's distillation-token term: hard = CE to the teacher's argmax; soft = KL at T, scaled by T^2."""
+    if kind == "hard":
+        return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+    if kind == "soft":
+        log_p_s = F.log_softmax(dist_logits / temperature, dim=1)
+        log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
+    raise ValueError(f"unknown KD kind {kind!r}: 'hard' or 'soft'")
+
+
+def stage1_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
+                teacher_logits: torch.Tensor, feature_terms: list[torch.Tensor],
+                cfg: DearKDConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(1-a)·CE_ls(cls, y) + a·KD(dist, T) + b·sum of the aligned early-feature MSEs."""
+    ce = F.cross_entropy(cls_logits, labels, label_smoothing=cfg.label_smoothing)
+    kd = distillation_token_loss(dist_logits, teacher_logits, cfg.kd, cfg.temperature)
+    feat = torch.stack(feature_terms).sum() if feature_terms else cls_logits.new_zeros(())
+    total = (1 - cfg.alpha) * ce + cfg.alpha * kd + cfg.beta * feat
+    return total, {"ce": ce.detach(), "kd": kd.detach(), "feature": feat.detach()}
+
+
+def stage2_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
+                cfg: DearKDConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """No teacher: both heads learn the labels, ½·CE_ls(cls, y) + ½·CE_ls(dist, y)."""
+    ce_cls = F.cross_entropy(cls_logits, labels, label_smoothing=cfg.label_smoothing)
+    ce_dist = F.cross_entropy(dist_logits, labels, label_smoothing=cfg.label_smoothing)
+    return 0.5 * ce_cls + 0.5 * ce_dist, {"ce": ce_cls.detach(), "ce_dist": ce_dist.detach()}
