@@ -102,6 +102,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def heldout_set(card, settings):
+    """Real held-out images for evaluation, chosen by the dataset the teacher was trained on."""
+    dataset = card.recipe.get("dataset")
+    if dataset == "digits":
+        from shared.data.digits import load_digits_split
+
+        split = load_digits_split(card.image_size)
+        return split.x_test, split.y_test
+    if dataset == "cifar10":
+        from shared.data.cifar10 import load_cifar10_split
+
+        split = load_cifar10_split(settings.data.cifar10_dir, train_limit=1)
+        return split.x_test, split.y_test
+    return None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from shared.teacher import load_teacher
+    from trainer.main import run_training
+
+    train = {"steps": args.steps, "out_dir": args.out, "store_dir": args.store, "real_dir": args.real_dir,
+             "real_fraction": args.real_fraction, "metrics_port": args.metrics_port}
+    s = _settings(args, teacher=args.teacher, train={k: v for k, v in train.items() if v is not None})
+    if s.teacher is None:
+        raise DfkdError("no teacher: pass --teacher CARD.json or set `teacher` in the config (DFKD_TEACHER)")
+    teacher = load_teacher(s.teacher)
+    summary = run_training(s, teacher, eval_set=heldout_set(teacher.card, s), log=lambda m: print(m, flush=True))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.what == "store":
+        from trainer.store import SyntheticStore
+
+        names = None
+        if args.teacher:
+            from shared.teacher import TeacherCard
+
+            names = TeacherCard.read(Path(args.teacher)).class_names
+        n = SyntheticStore(Path(args.source)).export_imagefolder(Path(args.out), class_names=names)
+    elif args.what == "digits":
+        from trainer.imagefolder_export import export_digits
+
+        n = sum(export_digits(Path(args.out), args.image_size, args.split, partial_fraction=args.fraction).values())
+    else:
+        from shared.config import Settings
+        from trainer.imagefolder_export import export_cifar10
+
+        root = Path(args.source) if args.source else Settings.load().data.cifar10_dir
+        n = sum(export_cifar10(root, Path(args.out), args.split, partial_fraction=args.fraction).values())
+    print(f"wrote {n} images to {args.out}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from shared.models import list_models
 
@@ -159,6 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="train a ViT student with two-stage DearKD (stream, store, DALI mix-in)")
+    common(p)
+    p.add_argument("--teacher", help="teacher card (JSON)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out", help="checkpoints and the final student (default: train.out_dir)")
+    p.add_argument("--store", help="durable store of synthetic batches (default: train.store_dir)")
+    p.add_argument("--real-dir", help="ImageFolder of real images (DALI) for mix-in or the partial-data setting")
+    p.add_argument("--real-fraction", type=float, help="share of real images per batch; 1.0 = no synthetic data")
+    p.add_argument("--metrics-port", type=int)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write an ImageFolder of PNGs/JPEGs: the synthetic store, digits or CIFAR-10")
+    p.add_argument("what", choices=["store", "digits", "cifar10"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--source", help="the store folder (store) or the CIFAR-10 folder (cifar10)")
+    p.add_argument("--teacher", help="teacher card, for class names (store)")
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--fraction", type=float, default=1.0, help="stratified share of the split (partial data)")
+    p.add_argument("--image-size", type=int, default=16, help="digits only")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the project's model names")
     p.set_defaults(func=cmd_models)

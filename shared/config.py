@@ -192,6 +192,33 @@ class DearKDConfig(BaseModel):
     stage1_fraction: float = Field(0.8, ge=0, le=1, description="share of the steps spent in stage 1")
 
 
+class TrainConfig(BaseModel):
+    """The student's training run: optimisation, data mix, checkpoints (DESIGN §4-§5)."""
+
+    model_config = {"extra": "forbid"}
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    crop_padding: int = Field(2, ge=0, description="random-crop padding (px) for synthetic and in-memory images")
+    flip: bool = False
+    real_dir: Path | None = Field(None, description="ImageFolder of real images, read with DALI")
+    real_fraction: float = Field(0.0, ge=0, le=1, description="share of each batch from real_dir "
+                                                              "(1.0: the partial-data setting, no synthetic data)")
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(50, ge=1)
+    out_dir: Path = Path("runs/train")
+    store_dir: Path = Path("runs/store")
+    consumer_name: str = Field("trainer-0", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    max_deliveries: int = Field(5, ge=1)
+    claim_idle_ms: int = Field(60_000, ge=100)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+
 class Settings(BaseSettings):
     """Everything configurable. Load with `Settings.load(yaml_path, **overrides)`."""
 
@@ -208,6 +235,7 @@ class Settings(BaseSettings):
     service: ServiceConfig = ServiceConfig()
     student: StudentConfig = StudentConfig()
     dearkd: DearKDConfig = DearKDConfig()
+    train: TrainConfig = TrainConfig()
 
     _yaml_file: ClassVar[Path | None] = None
 

@@ -86,10 +86,11 @@ def lr_at(step: int, total: int, base_lr: float, warmup_fraction: float) -> floa
 
 
 def plan_batches(classes: Sequence[int], per_class: int, batch_size: int) -> list[list[int]]:
-    """Label lists for engine batches of near-equal size (BN statistics are batch statistics).
+    """Label lists for the fewest engine batches, of near-equal size, with the classes spread across them.
 
-    Each class's images stay contiguous; a class split across batches never leaves a lone image in a batch,
-    so BPID always has same-class pairs when per_class >= 2.
+    BN statistics are batch statistics: a batch holding a single class pulls every image towards that class's
+    share of the running statistics, so each class is split into chunks dealt to different batches. Chunks hold
+    at least two images (BPID needs same-class pairs) unless a class has a single image.
     """
     if per_class < 1:
         raise InvalidRequestError(f"per-class count must be >= 1, got {per_class}")
@@ -98,25 +99,19 @@ def plan_batches(classes: Sequence[int], per_class: int, batch_size: int) -> lis
     if batch_size < 1:
         raise InvalidRequestError(f"batch size must be >= 1, got {batch_size}")
     total = len(classes) * per_class
-    size = -(-total // -(-total // batch_size))  # equal split of the minimum number of batches
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for c in classes:
-        remaining = per_class
-        while remaining > 0:
-            take = min(remaining, size - len(current))
-            if take == 1 and remaining > 1 and current:
-                take = 0  # a lone image here: start the next batch instead
-            elif remaining - take == 1 and take > 2:
-                take -= 1  # keep two for the next batch rather than one
-            current.extend([c] * take)
-            remaining -= take
-            if len(current) >= size or (take == 0 and current):
-                batches.append(current)
-                current = []
-    if current:
-        batches.append(current)
-    return batches
+    n = -(-total // batch_size)
+    while True:
+        batches: list[list[int]] = [[] for _ in range(n)]
+        for c in classes:
+            chunks = min(n, max(1, per_class // 2))
+            sizes = [per_class // chunks + (1 if k < per_class % chunks else 0) for k in range(chunks)]
+            for size in sizes:
+                # The emptiest batch that does not hold this class yet (else the emptiest).
+                order = sorted(range(n), key=lambda b: (c in batches[b], len(batches[b])))
+                batches[order[0]].extend([c] * size)
+        if max(map(len, batches)) <= batch_size:
+            return [b for b in batches if b]
+        n += 1
 
 
 class InversionEngine:

@@ -161,16 +161,19 @@ def test_config_errors_are_clear(digits_teacher):
         InversionEngine(Teacher(ScaledLogits(), digits_teacher.card), FAST)
 
 
-@pytest.mark.parametrize("classes,per_class,batch", [(range(10), 30, 100), (range(10), 8, 100), (range(4), 7, 5),
-                                                     (range(1), 250, 100), (range(1000), 3, 152), (range(3), 5, 4)])
-def test_plan_batches_fills_batches_and_keeps_pairs(classes, per_class, batch):
+@pytest.mark.parametrize("classes,per_class,batch", [(range(10), 30, 100), (range(10), 100, 100),
+                                                     (range(10), 8, 100), (range(4), 7, 5), (range(1), 250, 100),
+                                                     (range(1000), 3, 152), (range(3), 5, 4)])
+def test_plan_batches_fills_batches_spreads_classes_and_keeps_pairs(classes, per_class, batch):
     batches = plan_batches(list(classes), per_class, batch)
-    flat = [c for b in batches for c in b]
-    assert flat == [c for c in classes for _ in range(per_class)]
+    assert sorted(c for b in batches for c in b) == sorted(c for c in classes for _ in range(per_class))
     assert max(map(len, batches)) <= batch
     assert max(map(len, batches)) - min(map(len, batches)) <= 3  # near-equal, no runt batch
+    assert len(batches) <= -(-len(classes) * per_class // batch) + 1
     for b in batches:
         assert all(b.count(c) >= 2 for c in set(b)), b
+    if per_class >= 2 * len(batches):  # enough images: every batch sees every class
+        assert all(set(b) == set(classes) for b in batches)
 
 
 @pytest.mark.slow

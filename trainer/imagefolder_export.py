@@ -1,0 +1,102 @@
+"""Write the project's datasets as ImageFolder trees (`out/{class}/{index:05d}.{png,jpg}`) for the DALI reader.
+
+File names are the image's index in its split, so every export of the same data names the same files,
+and a partial export is a subset of the full one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.data.cifar10 import CLASS_NAMES as CIFAR10_CLASSES
+from shared.data.digits import CLASS_NAMES as DIGITS_CLASSES, load_digits_split
+
+Split = Literal["train", "test"]
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices keeping `fraction` of each class (at least one image per present class), seeded."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"partial_fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    if fraction == 1.0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):  # sorted classes: one rng stream gives the same subset on every machine
+        members = np.flatnonzero(labels == c)
+        n = max(1, int(round(fraction * len(members))))
+        keep.append(rng.choice(members, size=n, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def export_digits(out_dir: Path, image_size: int = 16, split: Split = "train", *,
+                  partial_fraction: float = 1.0, seed: int = 0) -> dict[str, int]:
+    """Digits as 8-bit grayscale PNGs, at the size `load_digits_split(image_size)` gives. Returns images per class."""
+    data = load_digits_split(image_size)
+    x, y = (data.x_train, data.y_train) if _check_split(split) == "train" else (data.x_test, data.y_test)
+    pixels = (x[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    labels = y.numpy()
+
+    def write(i: int, path: Path) -> None:
+        Image.fromarray(pixels[i]).save(path.with_suffix(".png"))
+
+    return _write_tree(Path(out_dir), DIGITS_CLASSES, labels, stratified_subset(labels, partial_fraction, seed), write)
+
+
+def export_cifar10(root: Path, out_dir: Path, split: Split = "train", limit: int | None = None, *,
+                   partial_fraction: float = 1.0, seed: int = 0) -> dict[str, int]:
+    """CIFAR-10: train images as their original JPEG bytes (no re-encode), test images as PNGs of `test.npz`.
+
+    `limit` keeps the first `limit` images of the split; `partial_fraction` then keeps a stratified share of those.
+    Returns images per class.
+    """
+    root = Path(root)
+    name = "train_jpeg.npz" if _check_split(split) == "train" else "test.npz"
+    if not (root / name).is_file():
+        raise FileNotFoundError(f"CIFAR-10 file {root / name} not found (set DFKD_DATA__CIFAR10_DIR)")
+    data = np.load(root / name)
+    labels = data["y"][:limit].astype(np.int64)
+    keep = stratified_subset(labels, partial_fraction, seed)
+
+    if split == "train":
+        buf, offsets = data["jpeg"], data["offsets"]
+
+        def write(i: int, path: Path) -> None:
+            path.with_suffix(".jpg").write_bytes(buf[offsets[i]:offsets[i + 1]].tobytes())
+    else:
+        pixels = data["x"]
+
+        def write(i: int, path: Path) -> None:
+            Image.fromarray(pixels[i]).save(path.with_suffix(".png"))
+
+    return _write_tree(Path(out_dir), CIFAR10_CLASSES, labels, keep, write)
+
+
+def _write_tree(out_dir: Path, class_names: Sequence[str], labels: np.ndarray, keep: np.ndarray,
+                write: Callable[[int, Path], None]) -> dict[str, int]:
+    # A reader labels folders in sorted order; unsorted names would silently relabel every image.
+    if list(class_names) != sorted(class_names):
+        raise ValueError(f"class names {list(class_names)} are not in sorted order; folder labels would not match")
+    # Leftovers from an earlier export (another fraction or limit) would be read as data: refuse to mix.
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; export into a new folder")
+    for name in class_names:
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+    counts = dict.fromkeys(class_names, 0)
+    for i in keep.tolist():
+        name = class_names[int(labels[i])]
+        write(i, out_dir / name / f"{i:05d}")
+        counts[name] += 1
+    return counts
+
+
+def _check_split(split: str) -> str:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return split
+

@@ -1,0 +1,159 @@
+"""`dfkd train`: the stream consumer, the durable store, the data mix and the DearKD loop, with resume."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from shared.config import Settings, resolve_device
+from shared.stream import connect_redis
+from shared.teacher import Teacher, TeacherCard
+from shared.weights import save_weights
+from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from trainer.consumer import StreamConsumer
+from trainer.engine import DearKDTrainer
+from trainer.metrics import TrainerMetrics
+from trainer.mixin import MixInSampler
+from trainer.pool import augment_normalize
+from trainer.store import FreshFirstSampler, SyntheticStore
+
+
+class StreamFeeder:
+    """A thread that moves stream entries into the store (validated, fsynced, then acknowledged)."""
+
+    def __init__(self, consumer: StreamConsumer, metrics: TrainerMetrics, log: Callable[[str], None]):
+        self.consumer, self.metrics, self.log = consumer, metrics, log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stream-feeder", daemon=True)
+
+    def start(self) -> "StreamFeeder":
+        self.consumer.ensure_group()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        last_claim = 0.0
+        while not self._stop.is_set():
+            try:
+                result = self.consumer.poll()
+                self.metrics.consumed(result)
+                if time.monotonic() - last_claim > 5:
+                    self.consumer.claim_stale()
+                    last_claim = time.monotonic()
+            except Exception as exc:  # Redis down: keep the trainer alive, retry
+                self.log(f"stream: {exc}; retrying")
+                self._stop.wait(1.0)
+
+
+def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, card: TeacherCard, settings: Settings,
+                      metrics: TrainerMetrics, log: Callable[[str], None]):
+    gen = torch.Generator().manual_seed(settings.seed)
+    cfg = settings.train
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        waited = 0.0
+        while len(store) == 0:  # starved: nothing synthesized yet
+            time.sleep(0.2)
+            waited += 0.2
+            if waited % 10 < 0.2:
+                log(f"waiting for synthetic batches in {store.root} ({waited:.0f}s)")
+        metrics.starve(waited)
+        s = sampler.sample()
+        images = torch.from_numpy(s.images[:n])
+        x = augment_normalize(images, card.mean, card.std, cfg.crop_padding, cfg.flip, gen)
+        return x, torch.from_numpy(s.labels[:n]).long()
+
+    return sample
+
+
+def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """Train (or resume) the student; `eval_set` is held-out real data as [0, 1] images and labels."""
+    cfg, card = settings.train, teacher.card
+    device = resolve_device(settings.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = TrainerMetrics(port=cfg.metrics_port)
+    store = SyntheticStore(cfg.store_dir)
+    sampler = FreshFirstSampler(store, cfg.batch_size, seed=settings.seed)
+    feeder = None
+    if settings.stream.redis_url is not None and cfg.real_fraction < 1:
+        consumer = StreamConsumer(connect_redis(settings.stream.redis_url), settings.stream, cfg.consumer_name, store,
+                                  expected_fingerprint=card.fingerprint, max_deliveries=cfg.max_deliveries,
+                                  claim_idle_ms=cfg.claim_idle_ms)
+        feeder = StreamFeeder(consumer, metrics, log).start()
+
+    def real_reader():
+        from trainer.dali_reader import RealImageReader, pipeline_device
+
+        if cfg.real_dir is None:
+            raise ValueError("train.real_fraction > 0 needs train.real_dir (an ImageFolder of real images)")
+        return RealImageReader(cfg.real_dir, cfg.batch_size, card.image_size, card.mean, card.std,
+                               in_chans=card.in_chans, device=pipeline_device(str(device)), seed=settings.seed,
+                               flip=cfg.flip)
+
+    synthetic = (_synthetic_source(store, sampler, card, settings, metrics, log) if cfg.real_fraction < 1 else None)
+    mix = MixInSampler(real_reader if cfg.real_fraction > 0 else None, synthetic, cfg.real_fraction, cfg.batch_size,
+                       seed=settings.seed)
+    trainer = DearKDTrainer(settings.student, settings.dearkd, cfg,
+                            teacher.model if settings.dearkd.stage1_fraction > 0 else None, device)
+
+    checkpoint = find_checkpoint(out)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, trainer.model, trainer.optimizer)
+        trainer.step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        mix.step, mix.real_seen, mix.synthetic_seen = state["mix"]
+        log(f"resumed from {checkpoint} at step {trainer.step}, stage {trainer.stage}")
+
+    def save() -> None:
+        save_checkpoint(out, trainer.model, trainer.optimizer, {
+            "step": trainer.step, "stage": trainer.stage, "sampler": sampler.state_dict(),
+            "mix": [mix.step, mix.real_seen, mix.synthetic_seen]})
+
+    evaluation: dict[str, float] = {}
+
+    def evaluate() -> None:
+        if eval_set is None:
+            return
+        mean = torch.tensor(card.mean).view(1, -1, 1, 1)
+        std = torch.tensor(card.std).view(1, -1, 1, 1)
+        top1 = trainer.evaluate((eval_set[0] - mean) / std, eval_set[1])
+        evaluation["top1"] = top1
+        metrics.eval_top1.set(top1)
+        log(f"step {trainer.step} eval top-1 {top1:.4f} on {len(eval_set[1])} held-out images")
+
+    started, window_start, window_images = time.perf_counter(), time.perf_counter(), 0
+    try:
+        while trainer.step < cfg.steps:
+            batch = next(mix)
+            terms = trainer.train_step(batch.images, batch.labels)
+            window_images += len(batch.labels)
+            metrics.step(terms, len(batch.labels), store)
+            if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+                rate = window_images / max(1e-9, time.perf_counter() - window_start)
+                losses = " ".join(f"{k} {float(v):.4f}" for k, v in terms.items() if k != "stage")
+                log(f"step {trainer.step}/{cfg.steps} stage {terms['stage']} {losses} {rate:.0f} img/s "
+                    f"starved {metrics.starved_seconds():.1f}s store {len(store)} batches "
+                    f"real {mix.real_seen} synthetic {mix.synthetic_seen}")
+                window_start, window_images = time.perf_counter(), 0
+            if trainer.step % cfg.eval_every == 0:
+                evaluate()
+            if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+                save()
+    finally:
+        if feeder is not None:
+            feeder.stop()
+    if "top1" not in evaluation or trainer.step % cfg.eval_every:
+        evaluate()
+    save_weights(trainer.student, out / "student.safetensors")
+    return {"step": trainer.step, "eval_top1": evaluation.get("top1"), "seconds": time.perf_counter() - started,
+            "real_seen": mix.real_seen, "synthetic_seen": mix.synthetic_seen, "teacher_calls": trainer.teacher_calls,
+            "out": str(out)}

@@ -1,0 +1,381 @@
+"""The trainer's durable, append-only store of synthetic batches (DESIGN §5): one npz per batch, readable without us.
+
+Layout under `root`:
+  batches/{batch_id}.npz  arrays `images` (uint8 NCHW), `labels` (int64), optional `teacher_logits` (float16 [N, K]),
+                          `meta` (0-d unicode: the batch's wire header as JSON) and `position` (0-d int64: arrival
+                          order). `np.load(path, allow_pickle=False)` reads it; nothing in it is pickled.
+  index.jsonl             one line per batch in arrival order: a cache for fast opening. The npz files are the truth:
+                          a missing, torn or stale index is rebuilt from them on open.
+
+Writes are crash-safe: temp file in the same directory, fsync, atomic rename, fsync of the directory. A SIGKILL at
+any point leaves either the whole batch or nothing (plus a temp file that the next open removes).
+One writing process per store; any number of readers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import numpy as np
+
+from shared.wire import SAFE_ID, BatchCodec, SynthesisRecord, WireBatch
+
+_SAFE_ID = re.compile(SAFE_ID)
+_TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """One batch read back from the store."""
+
+    batch_id: str
+    images: np.ndarray            # uint8 [N, C, H, W]
+    labels: np.ndarray            # int64 [N]
+    logits: np.ndarray | None     # float16 [N, K] (the teacher's), if shipped
+    header: dict[str, Any]        # the wire header it arrived with (fingerprint, synthesis params, stats, ...)
+    position: int                 # arrival order in this store
+
+    def to_wire(self) -> WireBatch:
+        h = self.header
+        return WireBatch(batch_id=self.batch_id, sequence=h["sequence"], producer_id=h["producer_id"],
+                         teacher_fingerprint=h["teacher_fingerprint"], mean=tuple(h["mean"]), std=tuple(h["std"]),
+                         labels=self.labels.tolist(), images=self.images,
+                         synthesis=SynthesisRecord.model_validate(h["synthesis"]), logits=self.logits,
+                         stats=h.get("stats", {}), created_at=h["created_at"])
+
+
+def check_batch_id(batch_id: str) -> str:
+    # Ids become file names: refuse anything that could escape the directory or clash with temp files.
+    if not isinstance(batch_id, str) or not _SAFE_ID.match(batch_id):
+        raise ValueError(f"invalid batch id {batch_id!r}: expected {SAFE_ID}")
+    return batch_id
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename/creation in `directory` durable (POSIX: the entry lives in the directory, not the file)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write via a temp file in the same directory, fsync it, rename over `path`, fsync the directory."""
+    # The pid in the name lets an opening store tell a dead writer's leftovers from a live writer's file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _writer_alive(tmp: Path) -> bool:
+    try:
+        pid = int(tmp.name.removesuffix(_TMP_SUFFIX).rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # this process is only opening the store: the file is a previous life's (pid reused)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SyntheticStore:
+    """`store.put(batch)` once per batch id; `store.get(id)`, `store.batch_ids()` in arrival order."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.batch_dir = self.root / "batches"
+        self.index_path = self.root / "index.jsonl"
+        self.batch_dir.mkdir(parents=True, exist_ok=True)
+        self._codec = BatchCodec()
+        self._ids: list[str] = []
+        self._counts: dict[str, int] = {}
+        self._next_position = 0  # above every position used, even by files deleted since: order stays unambiguous
+        self._remove_dead_temp_files()
+        self._load_index()
+
+    # ---- reading -------------------------------------------------------------------------------------------------
+
+    def __contains__(self, batch_id: object) -> bool:
+        return batch_id in self._counts
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.batch_ids())
+
+    def batch_ids(self) -> list[str]:
+        """All batch ids, in the order they were stored."""
+        return list(self._ids)
+
+    def image_count(self, batch_id: str) -> int:
+        return self._counts[batch_id]
+
+    def images_count(self) -> int:
+        """Images in the whole store."""
+        return sum(self._counts.values())
+
+    def path(self, batch_id: str) -> Path:
+        return self.batch_dir / f"{check_batch_id(batch_id)}.npz"
+
+    def get(self, batch_id: str) -> StoredBatch:
+        if batch_id not in self:
+            raise KeyError(f"batch {batch_id!r} is not in the store at {self.root}")
+        return read_batch(self.path(batch_id))
+
+    # ---- writing -------------------------------------------------------------------------------------------------
+
+    def put(self, batch: WireBatch) -> bool:
+        """Store `batch` durably; False (and nothing written) if its id is already stored."""
+        path = self.path(batch.batch_id)
+        if batch.batch_id in self or path.exists():
+            return False
+        position = self._next_position
+        # The wire header (checksum, shapes, synthesis record) travels with the arrays: the file explains itself.
+        header = self._codec.header(batch, self._codec.payload(batch)).model_dump_json(
+            exclude={"chunk_index", "chunk_count"})
+        arrays: dict[str, np.ndarray] = {
+            "images": np.ascontiguousarray(batch.images, dtype=np.uint8),
+            "labels": np.asarray(batch.labels, dtype=np.int64),
+            "meta": np.array(header),
+            "position": np.array(position, dtype=np.int64),
+        }
+        if batch.logits is not None:
+            arrays["teacher_logits"] = np.asarray(batch.logits, dtype=np.float16)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        # The file is durable now; a crash before the index line only costs a rebuild on the next open.
+        self._append_index(batch.batch_id, len(batch.labels), position)
+        self._ids.append(batch.batch_id)
+        self._counts[batch.batch_id] = len(batch.labels)
+        self._next_position = position + 1
+        return True
+
+    # ---- export --------------------------------------------------------------------------------------------------
+
+    def export_imagefolder(self, out_dir: Path | str, class_names: Sequence[str] | None = None) -> int:
+        """Write every image as `out_dir/{class}/{batch_id}_{i}.png` (an ImageFolder tree). Returns images written."""
+        from PIL import Image  # only export needs Pillow
+
+        out = Path(out_dir)
+        if class_names is not None:
+            for name in class_names:
+                if not name or "/" in name or name in (".", ".."):
+                    raise ValueError(f"class name {name!r} cannot be a directory name")
+        written = 0
+        for batch_id in self._ids:
+            batch = self.get(batch_id)
+            for i, (image, label) in enumerate(zip(batch.images, batch.labels.tolist())):
+                if class_names is not None and not 0 <= label < len(class_names):
+                    raise ValueError(f"batch {batch_id!r} image {i}: label {label} has no name among "
+                                     f"{len(class_names)} class names")
+                folder = out / (class_names[label] if class_names is not None else str(label))
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(_hwc(image, batch_id)).save(folder / f"{batch_id}_{i}.png")
+                written += 1
+        return written
+
+    # ---- index ---------------------------------------------------------------------------------------------------
+
+    def _append_index(self, batch_id: str, images: int, position: int) -> None:
+        created = not self.index_path.exists()
+        line = json.dumps({"batch_id": batch_id, "images": images, "position": position}) + "\n"
+        with open(self.index_path, "ab") as f:
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            fsync_dir(self.root)
+
+    def _load_index(self) -> None:
+        # Only names this store could have written: temp files and foreign files are not batches.
+        on_disk = {name for name in (p.name.removesuffix(".npz") for p in self.batch_dir.glob("*.npz"))
+                   if _SAFE_ID.match(name)}
+        listed, intact = self._read_index()
+        kept = {}
+        for batch_id, images, position in listed:
+            if batch_id in on_disk and batch_id not in kept:  # lines for lost files, or twice, are dropped
+                kept[batch_id] = (position, images)
+        # Files the index never heard of (a crash between rename and index append, or a deleted index):
+        # their `position` array puts them back in arrival order.
+        unlisted = {batch_id: self._position_and_count(batch_id) for batch_id in on_disk - set(kept)}
+        ordered = sorted({**kept, **unlisted}.items(), key=lambda item: (item[1][0], item[0]))
+        self._ids = [batch_id for batch_id, _ in ordered]
+        self._counts = {batch_id: images for batch_id, (_, images) in ordered}
+        positions = [position for _, (position, _) in ordered] + [position for _, _, position in listed]
+        self._next_position = max(positions, default=-1) + 1
+        if not intact or unlisted or len(kept) != len(listed):
+            self._rewrite_index([position for _, (position, _) in ordered])
+
+    def _read_index(self) -> tuple[list[tuple[str, int, int]], bool]:
+        """(batch id, image count, position) lines up to the first unreadable one; whether all of it was readable."""
+        try:
+            raw = self.index_path.read_bytes()
+        except FileNotFoundError:
+            return [], False
+        lines = raw.split(b"\n")
+        intact = lines[-1] == b""  # a torn append leaves a last line without its newline
+        entries: list[tuple[str, int, int]] = []
+        for line in lines[:-1]:
+            try:
+                record = json.loads(line)
+                entries.append((check_batch_id(record["batch_id"]), int(record["images"]), int(record["position"])))
+            except (ValueError, KeyError, TypeError):
+                return entries, False
+        return entries, intact
+
+    def _position_and_count(self, batch_id: str) -> tuple[int, int]:
+        with np.load(self.path(batch_id), allow_pickle=False) as z:
+            return int(z["position"]), len(z["labels"])
+
+    def _rewrite_index(self, positions: list[int]) -> None:
+        lines = "".join(json.dumps({"batch_id": b, "images": self._counts[b], "position": p}) + "\n"
+                        for b, p in zip(self._ids, positions))
+        atomic_write(self.index_path, lambda f: f.write(lines.encode()))
+
+    def _remove_dead_temp_files(self) -> None:
+        for directory in (self.root, self.batch_dir):
+            for tmp in directory.glob(f".*{_TMP_SUFFIX}"):
+                if not _writer_alive(tmp):
+                    tmp.unlink(missing_ok=True)
+
+
+
+class Sample(NamedTuple):
+    images: np.ndarray          # uint8 [B, C, H, W]
+    labels: np.ndarray          # int64 [B]
+    logits: np.ndarray | None   # float16 [B, K]; None unless every image drawn has teacher logits
+    n_fresh: int                # how many of the B images had never been sampled before
+
+
+class FreshFirstSampler:
+    """Training batches from a store: images never sampled before first (arrival order), the rest uniform replay.
+
+    Fresh synthetic images are the expensive, informative ones, so each is used as soon as it arrives; replay keeps
+    the batch full (and the student from forgetting) when synthesis is slower than training.
+    """
+
+    def __init__(self, store: SyntheticStore, batch_size: int, seed: int = 0, *, cache_batches: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.store = store
+        self.batch_size = batch_size
+        self._rng = np.random.default_rng(seed)
+        # The store is append-only and ordered, so "seen" is a position: batches before `_cursor` are fully
+        # used, and the first `_offset` images of batch `_cursor`.
+        self._cursor = 0
+        self._offset = 0
+        self._totals = np.zeros(0, dtype=np.int64)  # running image count over batches in store order (for replay)
+        self._cache: OrderedDict[str, StoredBatch] = OrderedDict()
+        self._cache_batches = cache_batches
+
+    def sample(self) -> Sample:
+        ids = self.store.batch_ids()
+        if not ids:
+            raise LookupError(f"the store at {self.store.root} is empty: nothing to sample yet")
+        picks: list[tuple[str, np.ndarray]] = []
+        need = self.batch_size
+        while need and self._cursor < len(ids):
+            batch_id = ids[self._cursor]
+            count = self.store.image_count(batch_id)
+            take = min(need, count - self._offset)
+            picks.append((batch_id, np.arange(self._offset, self._offset + take)))
+            need -= take
+            self._offset += take
+            if self._offset == count:
+                self._cursor, self._offset = self._cursor + 1, 0
+        n_fresh = self.batch_size - need
+        if need:
+            picks += self._replay(ids, need)
+        return self._gather(picks, n_fresh)
+
+    def _replay(self, ids: list[str], count: int) -> list[tuple[str, np.ndarray]]:
+        """`count` images drawn uniformly (with replacement) from every image stored."""
+        if len(self._totals) < len(ids):
+            new = [self.store.image_count(b) for b in ids[len(self._totals):]]
+            start = self._totals[-1] if len(self._totals) else 0
+            self._totals = np.concatenate([self._totals, start + np.cumsum(new, dtype=np.int64)])
+        flat = self._rng.integers(0, self._totals[-1], size=count)
+        which = np.searchsorted(self._totals, flat, side="right")
+        picks = []
+        for b in np.unique(which):
+            first = self._totals[b - 1] if b else 0
+            picks.append((ids[b], flat[which == b] - first))
+        return picks
+
+    def _gather(self, picks: list[tuple[str, np.ndarray]], n_fresh: int) -> Sample:
+        batches = [(self._load(batch_id), index) for batch_id, index in picks]
+        shapes = {b.images.shape[1:] for b, _ in batches}
+        if len(shapes) > 1:
+            raise ValueError(f"the store mixes image shapes {sorted(shapes)}: one sampler batch cannot hold them")
+        images = np.concatenate([b.images[i] for b, i in batches])
+        labels = np.concatenate([b.labels[i] for b, i in batches])
+        logits = None
+        if all(b.logits is not None for b, _ in batches):
+            logits = np.concatenate([b.logits[i] for b, i in batches])  # type: ignore[index]
+        return Sample(images, labels, logits, n_fresh)
+
+    def _load(self, batch_id: str) -> StoredBatch:
+        # Stored files never change, so a small LRU cache is always valid.
+        batch = self._cache.pop(batch_id, None) or self.store.get(batch_id)
+        self._cache[batch_id] = batch
+        while len(self._cache) > self._cache_batches:
+            self._cache.popitem(last=False)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state: where fresh sampling stands, and the RNG."""
+        ids = self.store.batch_ids()
+        return {"cursor": self._cursor, "offset": self._offset,
+                "last_fresh": ids[self._cursor - 1] if self._cursor else None,
+                "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        cursor, offset = int(state["cursor"]), int(state["offset"])
+        ids = self.store.batch_ids()
+        # The state is only meaningful against the store it was taken from: refuse a different one.
+        if cursor > len(ids) or (cursor and ids[cursor - 1] != state.get("last_fresh")):
+            raise ValueError(f"sampler state (cursor {cursor}, last fresh batch {state.get('last_fresh')!r}) does "
+                             f"not match the store at {self.store.root} ({len(ids)} batches)")
+        if offset and (cursor == len(ids) or offset >= self.store.image_count(ids[cursor])):
+            raise ValueError(f"sampler state offset {offset} is out of range for batch {cursor} of the store")
+        self._rng.bit_generator.state = state["rng"]
+        self._cursor, self._offset = cursor, offset
+
+
+def read_batch(path: Path | str) -> StoredBatch:
+    """One stored npz, without a SyntheticStore (e.g. another tool reading a copied store)."""
+    with np.load(path, allow_pickle=False) as z:
+        header = json.loads(z["meta"].item())
+        logits = z["teacher_logits"] if "teacher_logits" in z.files else None
+        return StoredBatch(batch_id=header["batch_id"], images=z["images"], labels=z["labels"], logits=logits,
+                           header=header, position=int(z["position"]))
+
+
+def _hwc(image: np.ndarray, batch_id: str) -> np.ndarray:
+    """CHW uint8 -> what Pillow takes: HW (gray), HWC (RGB/RGBA)."""
+    channels = image.shape[0]
+    if channels == 1:
+        return image[0]
+    if channels in (3, 4):
+        return np.ascontiguousarray(image.transpose(1, 2, 0))
+    raise ValueError(f"batch {batch_id!r}: {channels}-channel images cannot be written as PNG (1, 3 or 4)")
