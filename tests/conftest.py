@@ -43,3 +43,12 @@ def digits_verifier(digits_settings, teacher_dir) -> Teacher:
     recipe = TeacherRecipe(dataset="digits", arch="digits_lenet")
     _, card_path = train_teacher(recipe, digits_settings.data, teacher_dir, name="digits_lenet", log=lambda m: None)
     return load_teacher(card_path)
+
+
+@pytest.fixture(scope="session")
+def digits_synthetic_pool(digits_teacher, digits_settings):
+    """500 synthetic digits (50 per class) from the shipped preset, shared by the quality tests."""
+    from synth_service.engine import InversionEngine
+
+    with InversionEngine(digits_teacher, digits_settings.synth) as engine:
+        return engine.synthesize_classes(list(range(10)), 50, seed=0, return_logits=True)

@@ -44,3 +44,24 @@ def test_http_coalescing_prints_its_json_line(digits_teacher, teacher_dir):
     for scenario in ("one_full_batch", "concurrent_small"):
         assert out[scenario]["engine_batches"] >= 1 and out[scenario]["wall_s"] > 0
     assert out["one_full_batch"]["engine_batches"] == 1 and out["one_full_batch"]["batch_fill"] == 1.0
+
+
+def test_trainer_throughput_prints_its_json_line(digits_teacher, teacher_dir):
+    res = subprocess.run([sys.executable, "bench/trainer_throughput.py", "--teacher",
+                          str(teacher_dir / "digits_cnn.json"), "--steps", "2", "--warmup", "1", "--batch", "8",
+                          "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["bench"] == "trainer_throughput" and out["batch"] == 8
+    for key in ("stage1_images_per_s", "stage2_images_per_s", "bare_timm_images_per_s"):
+        assert out[key] > 0
+
+
+def test_dearkd_ablation_prints_its_json_line(digits_teacher, teacher_dir):
+    res = subprocess.run([sys.executable, "bench/dearkd_ablation.py", "--teacher", str(teacher_dir / "digits_cnn.json"),
+                          "--per-class", "2", "--steps", "2", "--variants", "dearkd,no_mhca"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["synthetic_images"] == 20 and set(out["results"]) == {"dearkd", "no_mhca"}
+    assert all(0 <= r["heldout_top1"] <= 1 for r in out["results"].values())
