@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DfkdError, FileNotFoundError) as exc:
+    except (DfkdError, FileNotFoundError, FileExistsError) as exc:
         print(f"dfkd: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # pydantic validation of config values

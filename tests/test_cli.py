@@ -129,3 +129,21 @@ def test_serve_runs_the_service(card_path, tmp_path):
 def test_serve_without_a_teacher_is_a_clear_error(tmp_path):
     res = dfkd("serve", "--port", "0", cwd=tmp_path)
     assert res.returncode == 2 and "no teacher" in res.stderr
+
+
+def test_export_commands_write_imagefolders(tmp_path):
+    res = dfkd("export", "digits", "--split", "test", "--fraction", "0.5", "--out", str(tmp_path / "digits"),
+               cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    folders = sorted(p.name for p in (tmp_path / "digits").iterdir())
+    assert folders == [str(i) for i in range(10)]
+    pngs = list((tmp_path / "digits").rglob("*.png"))
+    assert 200 <= len(pngs) <= 250  # half of the 450 held-out digits, per class
+    Image.open(pngs[0]).load()
+    if (CIFAR / "train_jpeg.npz").is_file():
+        res = dfkd("export", "cifar10", "--split", "test", "--fraction", "0.01", "--source", str(CIFAR),
+                   "--out", str(tmp_path / "cifar"), cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert len(list((tmp_path / "cifar").rglob("*.png"))) == 100
+    res = dfkd("export", "digits", "--split", "test", "--out", str(tmp_path / "digits"), cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" not in res.stderr  # refuses to mix old and new exports

@@ -52,3 +52,14 @@ def test_partial_data_at_100_percent_through_dali(digits_teacher, digits_setting
     assert summary["synthetic_seen"] == 0
     assert summary["real_seen"] == settings.train.steps * settings.train.batch_size
     assert summary["eval_top1"] >= 0.95
+
+
+def test_mix_in_keeps_the_ratio_in_a_training_run(digits_synthetic_pool, digits_teacher, digits_settings, tmp_path):
+    export_digits(tmp_path / "real", digits_settings.data.digits_size, "train", partial_fraction=0.2)
+    settings = settings_with(digits_settings, tmp_path, real_dir=tmp_path / "real", real_fraction=0.25, steps=100,
+                             batch_size=16)
+    store_pool(digits_synthetic_pool, digits_teacher.card, tmp_path / "store")
+    summary = run_training(settings, digits_teacher, eval_set=None, log=lambda m: None)
+    share = summary["real_seen"] / (summary["real_seen"] + summary["synthetic_seen"])
+    assert summary["real_seen"] + summary["synthetic_seen"] == 100 * 16
+    assert abs(share - 0.25) <= 0.05
