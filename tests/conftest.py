@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from shared.config import Settings, TeacherRecipe
 from shared.teacher import Teacher, load_teacher

@@ -2,7 +2,6 @@
 and digits PNGs."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np

@@ -58,13 +58,14 @@ def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, card: T
     cfg = settings.train
 
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        waited = 0.0
+        started = time.monotonic()
+        polls = 0
         while len(store) == 0:  # starved: nothing synthesized yet
+            if polls % 50 == 0:  # every 10 s
+                log(f"waiting for synthetic batches in {store.root} ({time.monotonic() - started:.0f}s)")
             time.sleep(0.2)
-            waited += 0.2
-            if waited % 10 < 0.2:
-                log(f"waiting for synthetic batches in {store.root} ({waited:.0f}s)")
-        metrics.starve(waited)
+            polls += 1
+        metrics.starve(time.monotonic() - started if polls else 0.0)
         s = sampler.sample()
         images = torch.from_numpy(s.images[:n])
         x = augment_normalize(images, card.mean, card.std, cfg.crop_padding, cfg.flip, gen)
