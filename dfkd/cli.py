@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,9 +46,23 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher_import(args: argparse.Namespace) -> int:
+    from shared.teacher_import import import_teacher
+
+    names = None
+    if args.class_names:
+        names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+    card = import_teacher(args.arch, Path(args.out), args.name or args.arch,
+                          weights=Path(args.weights) if args.weights else None, pretrained=args.pretrained,
+                          num_classes=args.num_classes, in_chans=args.in_chans, image_size=args.image_size,
+                          class_names=names)
+    print(f"teacher card: {card}")
+    return 0
+
+
 def run_synthesis(s, teacher, classes: list[int], per_class: int, out_dir: Path, iterations: int | None = None,
                   return_logits: bool = False, student=None, quiet: bool = False) -> dict[str, Any]:
-    """Invert `per_class` images of each class and write grid/npz/report; shared by `synth` and `demo`."""
+    """Invert `per_class` images of each class and write grid/npz/report (`dfkd synth`)."""
     from tqdm import tqdm
 
     from shared.config import resolve_device
@@ -98,7 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     s = _settings(args, teacher=args.teacher, service={k: v for k, v in service.items() if v is not None})
     if s.teacher is None:
         raise DfkdError("no teacher: pass --teacher CARD.json or set `teacher` in the config (DFKD_TEACHER)")
-    uvicorn.run(create_app(s), host=s.service.host, port=s.service.port, log_level="info")
+    uvicorn.run(create_app(s), host=s.service.host, port=s.service.port, log_level="info",
+                access_log=s.service.access_log)
     return 0
 
 
@@ -118,6 +134,10 @@ def heldout_set(card, settings):
     return None
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from shared.teacher import load_teacher
     from trainer.main import run_training
@@ -128,6 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if s.teacher is None:
         raise DfkdError("no teacher: pass --teacher CARD.json or set `teacher` in the config (DFKD_TEACHER)")
     teacher = load_teacher(s.teacher)
+    # SIGTERM (docker stop, `dfkd up`) takes the same path as Ctrl-C: checkpoint, then exit.
+    signal.signal(signal.SIGTERM, _interrupt)
     summary = run_training(s, teacher, eval_set=heldout_set(teacher.card, s), log=lambda m: print(m, flush=True))
     print(json.dumps(summary))
     return 0
@@ -165,10 +187,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from dfkd.demo import run_demo
+def cmd_up(args: argparse.Namespace) -> int:
+    from dfkd.up import run_up
 
-    run_demo(_settings(args), per_class=args.per_class)
+    s = _settings(args, train={"steps": args.steps} if args.steps else None)
+    run_up(s, args.config, run_dir=Path(args.run_dir) if args.run_dir else None, keep_serving=args.keep_serving)
     return 0
 
 
@@ -192,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="file stem for the weights and card")
     p.add_argument("--out", help="output folder (default: <runs_dir>/teachers)")
     p.set_defaults(func=cmd_teacher_train)
+    p = teacher.add_parser("import", help="make a teacher card + safetensors from local weights or timm's "
+                                          "pretrained weights (the one command that may download)")
+    p.add_argument("arch", help="model name (see `dfkd models`), e.g. resnet50")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="local weights (.safetensors, or a .pt state dict loaded weights_only)")
+    source.add_argument("--pretrained", action="store_true", help="fetch timm's pretrained weights once")
+    p.add_argument("--out", required=True, help="output folder, e.g. the teachers volume")
+    p.add_argument("--name", help="file stem for the weights and card (default: the model name)")
+    p.add_argument("--num-classes", type=int, default=1000, help="with --weights (default 1000)")
+    p.add_argument("--in-chans", type=int, default=3, help="with --weights (default 3)")
+    p.add_argument("--image-size", type=int, help="input size in px (default: the pretrained config, else 224)")
+    p.add_argument("--class-names", help="text file, one class name per line")
+    p.set_defaults(func=cmd_teacher_import)
 
     p = sub.add_parser("synth", help="synthesize images of given classes from a teacher")
     common(p)
@@ -239,10 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the project's model names")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("demo", help="CPU demo on digits: teacher -> synthetic images -> student accuracy")
+    p = sub.add_parser("up", help="run the stack natively (Redis, synth service, trainer) until the student is "
+                                  "trained; the default config is the CPU demo on digits")
     common(p, default_config="digits")
-    p.add_argument("--per-class", type=int, default=30)
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--steps", type=int, help="trainer steps (default: train.steps)")
+    p.add_argument("--run-dir", help="folder for the store, checkpoints and summary (default: <runs_dir>/up/<time>); "
+                                     "an existing one resumes")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="after training, keep the synth service and Redis running until Ctrl-C")
+    p.set_defaults(func=cmd_up)
+
     return parser
 
 
@@ -256,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # pydantic validation of config values
         print(f"dfkd: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dfkd: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ class ServiceConfig(BaseModel):
     job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are dropped after this")
     production_per_class: int = Field(8, ge=2, description="images per class in background batches")
     production_enabled: bool = Field(False, description="start producing into the stream at start-up")
+    access_log: bool = Field(True, description="log every HTTP request (off under `dfkd up`: scrapes and polls)")
 
 
 class StudentConfig(BaseModel):

@@ -17,6 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared.errors import DfkdError
+from shared.processes import die_with_parent
 
 
 class RedisServerError(DfkdError, RuntimeError):
@@ -94,6 +95,10 @@ class RedisServer:
         return self._version
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
@@ -120,8 +125,10 @@ class RedisServer:
             # noeviction: at the cap writes fail loudly instead of Redis silently dropping unconsumed batches.
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
         try:
+            # Own session: a terminal's Ctrl-C reaches only our process, which stops Redis last, after its clients.
             self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.STDOUT)
+                                             stderr=subprocess.STDOUT, start_new_session=True,
+                                             preexec_fn=die_with_parent)
         except OSError as error:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise RedisServerError(f"cannot run {self.binary}: {error}") from error

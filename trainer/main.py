@@ -149,12 +149,17 @@ def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Ten
                 evaluate()
             if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
                 save()
+    except KeyboardInterrupt:
+        save()  # an interrupted run resumes from where it stopped, not from the last periodic checkpoint
+        log(f"interrupted at step {trainer.step}; checkpoint saved in {out}")
+        raise
     finally:
         if feeder is not None:
             feeder.stop()
     if "top1" not in evaluation or trainer.step % cfg.eval_every:
         evaluate()
     save_weights(trainer.student, out / "student.safetensors")
-    return {"step": trainer.step, "eval_top1": evaluation.get("top1"), "seconds": time.perf_counter() - started,
+    return {"step": trainer.step, "eval_top1": evaluation.get("top1"),
+            "eval_images": len(eval_set[1]) if eval_set is not None else None, "seconds": time.perf_counter() - started,
             "real_seen": mix.real_seen, "synthetic_seen": mix.synthetic_seen, "teacher_calls": trainer.teacher_calls,
             "out": str(out)}
