@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -187,9 +188,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        from shared.config_reference import render
+
+        print(render(), end="")
+        return 0
+    import yaml
+
+    print(yaml.safe_dump(_settings(args).model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from dfkd.up import run_up
 
+    args.config = args.config or os.environ.get("DFKD_CONFIG") or "digits"
     s = _settings(args, train={"steps": args.steps} if args.steps else None)
     run_up(s, args.config, run_dir=Path(args.run_dir) if args.run_dir else None, keep_serving=args.keep_serving)
     return 0
@@ -199,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfkd", description="Data-free ViT distillation: synthesis and training.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
-        p.add_argument("--config", default=default_config,
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config",
                        help="YAML config file or preset (digits, cifar10, imagenet); env DFKD_* overrides it")
         p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
 
@@ -272,12 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=16, help="digits only")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("config", help="print the settings a command would use (secrets hidden), or the reference")
+    common(p)
+    p.add_argument("--reference", action="store_true", help="every setting with its env var, default and meaning "
+                                                             "(markdown)")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("models", help="list the project's model names")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("up", help="run the stack natively (Redis, synth service, trainer) until the student is "
                                   "trained; the default config is the CPU demo on digits")
-    common(p, default_config="digits")
+    common(p)
     p.add_argument("--steps", type=int, help="trainer steps (default: train.steps)")
     p.add_argument("--run-dir", help="folder for the store, checkpoints and summary (default: <runs_dir>/up/<time>); "
                                      "an existing one resumes")

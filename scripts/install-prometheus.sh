@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Put a Prometheus server binary at VENV/bin/prometheus for the test that scrapes a running native stack.
+# Put Prometheus (the server, and promtool) into VENV/bin for the tests that scrape a running native stack and
+# check the Prometheus config and dashboard queries.
 #
 #   scripts/install-prometheus.sh [VENV]     # VENV defaults to .venv next to this repo
 #
@@ -9,13 +10,14 @@ set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(cd "${1:-$repo_root/.venv}" && pwd)"
-target="$venv/bin/prometheus"
+bin="$venv/bin"
 
-if [[ -x "$target" ]]; then
+if [[ -x "$bin/prometheus" && -x "$bin/promtool" ]]; then
     exit 0
 fi
-if system="$(command -v prometheus)"; then
-    ln -sfn "$system" "$target"
+if system="$(command -v prometheus)" && tool="$(command -v promtool)"; then
+    ln -sfn "$system" "$bin/prometheus"
+    ln -sfn "$tool" "$bin/promtool"
     exit 0
 fi
 if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
@@ -36,5 +38,5 @@ if ! apt-get download prometheus >/dev/null 2>&1; then
     apt-get download prometheus >/dev/null
 fi
 dpkg-deb -x prometheus_*.deb root
-install -m 0755 root/usr/bin/prometheus "$target"
-"$target" --version 2>&1 | head -1
+install -m 0755 root/usr/bin/prometheus root/usr/bin/promtool "$bin/"
+"$bin/prometheus" --version 2>&1 | head -1

@@ -1,7 +1,13 @@
 """The typed config: presets, YAML, environment precedence and validation."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from shared.config import PRESETS, Settings, SynthConfig
@@ -37,3 +43,22 @@ def test_bad_values_are_rejected(tmp_path, monkeypatch):
     monkeypatch.setenv("DFKD_SYNTH__LR", "-1")
     with pytest.raises(ValidationError, match="lr"):
         Settings.load()
+
+
+def test_configuration_reference_is_in_sync_with_the_code():
+    from shared.config_reference import render
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert doc == render(), "docs/configuration.md is stale: regenerate it with `dfkd config --reference`"
+    for key in ("`train.steps`", "`DFKD_STREAM__REDIS_URL`", "`service.auth_token`", "`dearkd.stage1_fraction`"):
+        assert key in doc
+
+
+def test_dfkd_config_prints_effective_settings_without_secrets():
+    env = {**os.environ, "DFKD_SERVICE__AUTH_TOKEN": "s3cret-token", "DFKD_TRAIN__STEPS": "77"}
+    run = subprocess.run([sys.executable, "-m", "dfkd", "config", "--config", "digits"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "s3cret-token" not in run.stdout
+    printed = yaml.safe_load(run.stdout)
+    assert printed["train"]["steps"] == 77 and printed["synth"]["iterations"] == 150

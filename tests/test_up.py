@@ -207,3 +207,29 @@ def test_sigterm_while_training_checkpoints_and_leaves_nothing(tmp_path, digits_
     assert "checkpoint saved" in out, out[-3000:]
     assert (up.run_dir / "checkpoints" / "checkpoint" / "model.safetensors").is_file()
     assert "Traceback" not in out, out[-3000:]
+
+
+def test_up_uses_redis_url_when_set(tmp_path, digits_teacher, teacher_dir, redis_server, redis_client):
+    up = UpProcess(tmp_path, "--steps", "20", env={"DFKD_TEACHER": str(teacher_dir / "digits_cnn.json"),
+                                                   "REDIS_URL": redis_server.url})
+    try:
+        code = up.process.wait(timeout=300)
+    finally:
+        up.stop()
+    out = up.output()
+    assert code == 0, out[-3000:]
+    assert f"redis: {redis_server.url} (external)" in out
+    assert "student held-out top-1:" in out
+    # The batches went through this server: the run's consumer group saw them (none are left unacknowledged).
+    [group] = redis_client.xinfo_groups(f"dfkd:{up.run_dir.name}:batches")
+    assert group["pending"] == 0 and group["last-delivered-id"] != b"0-0"
+    assert redis_server.running  # an external Redis is left alone
+
+
+def test_up_with_an_unreachable_redis_url_fails_clearly(tmp_path, digits_teacher, teacher_dir):
+    up = UpProcess(tmp_path, env={"DFKD_TEACHER": str(teacher_dir / "digits_cnn.json"),
+                                  "REDIS_URL": f"redis://127.0.0.1:{free_loopback_port()}/0"})
+    code = up.process.wait(timeout=120)
+    up.stop()
+    assert code == 2
+    assert "does not answer" in up.output() and "Traceback" not in up.output()
