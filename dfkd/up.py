@@ -117,7 +117,8 @@ class Stack:
 
         self.children["trainer"] = Child("trainer", cli + ["train", *config, f"--metrics-port={self.metrics_port}"], {
             **env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(trainer_threads)),
-            "DFKD_TRAIN__STEPS": str(self.s.train.steps), "DFKD_TRAIN__STORE_DIR": str(self.store_dir), "DFKD_TRAIN__OUT_DIR": str(self.checkpoint_dir)},
+            "DFKD_TRAIN__STEPS": str(self.s.train.steps), "DFKD_TRAIN__STORE_DIR": str(self.store_dir),
+            "DFKD_TRAIN__OUT_DIR": str(self.checkpoint_dir)},
             on_line=self._trainer_line).start()
         took = wait_healthy(self.children["trainer"], self.trainer_metrics_url, timeout_s=180)
         self.log(f"trainer: up in {took:.1f}s; metrics at {self.trainer_metrics_url}")

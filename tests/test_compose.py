@@ -322,3 +322,17 @@ def test_tools_service_writes_the_volumes_and_stays_out_of_up(compose, config):
     mounts = {m["target"]: m for m in tools["volumes"]}
     assert mounts["/teachers"]["source"] == "teachers" and not mounts["/teachers"].get("read_only")
     assert mounts["/real"]["source"] == "real-data"
+
+
+def test_torchrun_override_runs_the_trainer_on_several_gpus(compose, tmp_path):
+    # compose(file) renders one file; the override is merged onto the main file through a small wrapper.
+    merged = tmp_path / "docker-compose.yml"
+    override = COMPOSE_FILE.parent / "docker" / "compose.torchrun.yml"
+    merged.write_text(f"include:\n  - path: [{COMPOSE_FILE}, {override}]\n")
+    result = compose(merged, "--format", "json", variables={"REDIS_PASSWORD": PASSWORD, "TRAINER_GPUS": "4"})
+    assert result.returncode == 0, result.stderr
+    trainer = json.loads(result.stdout)["services"]["trainer"]
+    assert trainer["entrypoint"][:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]
+    assert trainer["command"][0] == "train"
+    [gpu] = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["count"] == 4

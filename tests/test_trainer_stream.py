@@ -14,21 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import StreamConfig
 from shared.stream import StreamProducer
-from shared.wire import SynthesisRecord, WireBatch
 from synth_service.threaded_server import free_port
 
-
-def publish(producer: StreamProducer, card, start: int, count: int) -> list[str]:
-    rng = np.random.default_rng(start)
-    ids = []
-    for i in range(start, start + count):
-        ids.append(f"batch-{i}")
-        producer.publish(WireBatch(
-            batch_id=ids[-1], sequence=i, producer_id="test", teacher_fingerprint=card.fingerprint,
-            mean=card.mean, std=card.std, labels=rng.integers(0, 10, 16).tolist(),
-            images=rng.integers(0, 256, (16, 1, 16, 16), dtype=np.uint8),
-            logits=rng.standard_normal((16, 10)).astype(np.float16), synthesis=SynthesisRecord(seed=i)))
-    return ids
+from helpers import publish
 
 
 def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 120) -> None:

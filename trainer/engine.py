@@ -1,7 +1,7 @@
 """DearKDTrainer: one optimisation step at a time, stage 1 (teacher logits + early features) then stage 2 (labels)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 class DearKDTrainer:
     def __init__(self, student_cfg: StudentConfig, dearkd: DearKDConfig, train: TrainConfig,
-                 teacher: nn.Module | None, device: torch.device | str = "cpu"):
+                 teacher: nn.Module | None, device: torch.device | str = "cpu",
+                 sync_step: Callable[[nn.Module], None] | None = None):
         self.device = torch.device(device)
         self.student_cfg, self.dearkd, self.train_cfg = student_cfg, dearkd, train
         self.grid = (student_cfg.img_size // student_cfg.patch_size,) * 2
@@ -49,6 +50,7 @@ class DearKDTrainer:
         self.model = nn.ModuleDict({"student": self.student, "aligners": self.aligners})
         self.optimizer = torch.optim.AdamW(param_groups(self.model, train.weight_decay), lr=train.lr)
         self.step = 0
+        self.sync_step = sync_step  # data-parallel: make the ranks agree before clipping and stepping
 
     def _count_teacher_call(self, module: nn.Module, args: Any) -> None:
         self.teacher_calls += 1
@@ -78,6 +80,8 @@ class DearKDTrainer:
             loss, terms = stage2_loss(cls_logits, dist_logits, y, self.dearkd)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.sync_step is not None:
+            self.sync_step(self.model)
         nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self.optimizer.step()
         self.step += 1

@@ -14,6 +14,7 @@ from shared.teacher import Teacher, TeacherCard
 from shared.weights import save_weights
 from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.consumer import StreamConsumer
+from trainer.distributed import DistributedContext
 from trainer.engine import DearKDTrainer
 from trainer.metrics import TrainerMetrics
 from trainer.mixin import MixInSampler
@@ -53,8 +54,8 @@ class StreamFeeder:
 
 
 def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, card: TeacherCard, settings: Settings,
-                      metrics: TrainerMetrics, log: Callable[[str], None]):
-    gen = torch.Generator().manual_seed(settings.seed)
+                      metrics: TrainerMetrics, log: Callable[[str], None], seed: int):
+    gen = torch.Generator().manual_seed(seed)
     cfg = settings.train
 
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,20 +75,46 @@ def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, card: T
     return sample
 
 
+def _rank_log(log: Callable[[str], None], rank: int) -> Callable[[str], None]:
+    """Progress and evaluation come from rank 0; other ranks report only what is theirs."""
+    def rank_log(message: str) -> None:
+        if not message.startswith("step "):
+            log(f"rank {rank}: {message}")
+    return rank_log
+
+
 def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, torch.Tensor] | None = None,
                  log: Callable[[str], None] = print) -> dict:
-    """Train (or resume) the student; `eval_set` is held-out real data as [0, 1] images and labels."""
+    """Train (or resume) the student; `eval_set` is held-out real data as [0, 1] images and labels.
+
+    Under torchrun each rank runs this with its own share of the stream (see trainer/distributed.py)."""
+    ctx = DistributedContext.from_env()
+    device = ctx.device(resolve_device(settings.device))
+    ctx.start(device)
+    try:
+        return _train(settings, teacher, eval_set, log, ctx, device)
+    finally:
+        ctx.stop()
+
+
+def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, torch.Tensor] | None,
+           log: Callable[[str], None], ctx: DistributedContext, device: torch.device) -> dict:
     cfg, card = settings.train, teacher.card
-    device = resolve_device(settings.device)
-    out = Path(cfg.out_dir)
+    if not ctx.is_main:
+        log = _rank_log(log, ctx.rank)
+    out = ctx.rank_dir(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = TrainerMetrics(port=cfg.metrics_port)
-    store = SyntheticStore(cfg.store_dir)
-    sampler = FreshFirstSampler(store, cfg.batch_size, seed=settings.seed)
+    seed = settings.seed + ctx.rank  # ranks draw different augmentations and replay orders
+    metrics = TrainerMetrics(port=cfg.metrics_port if ctx.is_main else None)
+    store = SyntheticStore(ctx.rank_dir(cfg.store_dir))
+    sampler = FreshFirstSampler(store, cfg.batch_size, seed=seed)
     feeder = None
     if settings.stream.redis_url is not None and cfg.real_fraction < 1:
-        consumer = StreamConsumer(connect_redis(settings.stream.redis_url), settings.stream, cfg.consumer_name, store,
+        consumer = StreamConsumer(connect_redis(settings.stream.redis_url), settings.stream,
+                                  ctx.rank_name(cfg.consumer_name), store,
                                   expected_fingerprint=card.fingerprint, max_deliveries=cfg.max_deliveries,
+                                  # ranks read one entry at a time, so the stream is shared out evenly
+                                  batch_entries=1 if ctx.enabled else 16,
                                   claim_idle_ms=cfg.claim_idle_ms)
         feeder = StreamFeeder(consumer, metrics, log).start()
 
@@ -97,14 +124,16 @@ def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Ten
         if cfg.real_dir is None:
             raise ValueError("train.real_fraction > 0 needs train.real_dir (an ImageFolder of real images)")
         return RealImageReader(cfg.real_dir, cfg.batch_size, card.image_size, card.mean, card.std,
-                               in_chans=card.in_chans, device=pipeline_device(str(device)), seed=settings.seed,
+                               in_chans=card.in_chans, device=pipeline_device(str(device)), seed=seed,
                                flip=cfg.flip)
 
-    synthetic = (_synthetic_source(store, sampler, card, settings, metrics, log) if cfg.real_fraction < 1 else None)
+    synthetic = (_synthetic_source(store, sampler, card, settings, metrics, log, seed)
+                 if cfg.real_fraction < 1 else None)
     mix = MixInSampler(real_reader if cfg.real_fraction > 0 else None, synthetic, cfg.real_fraction, cfg.batch_size,
-                       seed=settings.seed)
+                       seed=seed)
     trainer = DearKDTrainer(settings.student, settings.dearkd, cfg,
-                            teacher.model if settings.dearkd.stage1_fraction > 0 else None, device)
+                            teacher.model if settings.dearkd.stage1_fraction > 0 else None, device,
+                            sync_step=ctx.sync_step if ctx.enabled else None)
 
     checkpoint = find_checkpoint(out)
     if checkpoint is not None:
@@ -113,6 +142,8 @@ def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Ten
         sampler.load_state_dict(state["sampler"])
         mix.step, mix.real_seen, mix.synthetic_seen = state["mix"]
         log(f"resumed from {checkpoint} at step {trainer.step}, stage {trainer.stage}")
+    ctx.check_same_step(trainer.step)
+    ctx.broadcast_parameters(trainer.model)  # a fresh start: every rank from rank 0's initialisation
 
     def save() -> None:
         save_checkpoint(out, trainer.model, trainer.optimizer, {
@@ -122,7 +153,7 @@ def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Ten
     evaluation: dict[str, float] = {}
 
     def evaluate() -> None:
-        if eval_set is None:
+        if eval_set is None or not ctx.is_main:
             return
         mean = torch.tensor(card.mean).view(1, -1, 1, 1)
         std = torch.tensor(card.std).view(1, -1, 1, 1)
@@ -150,6 +181,9 @@ def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Ten
             if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
                 save()
     except KeyboardInterrupt:
+        if ctx.enabled:  # a peer may be gone mid-step: keep the last periodic checkpoint, which all ranks share
+            log(f"interrupted at step {trainer.step}; resume from the last periodic checkpoint in {out}")
+            raise
         save()  # an interrupted run resumes from where it stopped, not from the last periodic checkpoint
         log(f"interrupted at step {trainer.step}; checkpoint saved in {out}")
         raise
@@ -158,8 +192,9 @@ def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Ten
             feeder.stop()
     if "top1" not in evaluation or trainer.step % cfg.eval_every:
         evaluate()
-    save_weights(trainer.student, out / "student.safetensors")
+    if ctx.is_main:
+        save_weights(trainer.student, Path(cfg.out_dir) / "student.safetensors")
     return {"step": trainer.step, "eval_top1": evaluation.get("top1"),
             "eval_images": len(eval_set[1]) if eval_set is not None else None, "seconds": time.perf_counter() - started,
             "real_seen": mix.real_seen, "synthetic_seen": mix.synthetic_seen, "teacher_calls": trainer.teacher_calls,
-            "out": str(out)}
+            "out": str(cfg.out_dir), "rank": ctx.rank, "world_size": ctx.world_size}
