@@ -111,7 +111,8 @@ class Stack:
                                                        f"--port={self.synth_port}"], {
             **env, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(synth_threads)),
             "DFKD_SERVICE__PRODUCTION_ENABLED": "true", "DFKD_SERVICE__ACCESS_LOG": "false"}).start()
-        took = wait_healthy(self.children["synth"], f"{self.synth_url}/readyz", timeout_s=180)
+        took = wait_healthy(self.children["synth"], f"{self.synth_url}/readyz", timeout_s=180,
+                            headers=self.headers)
         self.synth_ready_at = time.monotonic()
         self.log(f"synth: ready in {took:.1f}s at {self.synth_url} (producing into the stream)")
 

@@ -111,6 +111,12 @@ class StreamConfig(BaseModel):
     maxlen_safety: int = Field(100_000, ge=10, description="approximate MAXLEN safety cap; >= 4x max_backlog")
     chunk_bytes: int = Field(16 * 2**20, ge=1024, le=512 * 2**20, description="entries over this are chunked")
     include_logits: bool = Field(True, description="ship the teacher's fp16 logits with each batch")
+    max_batch_images: int = Field(4096, ge=1, le=1_000_000, description="trainers dead-letter batches with more "
+                                                                        "images")
+    max_batch_bytes: int = Field(2**30, ge=1024, description="trainers dead-letter batches whose payload (images + "
+                                                             "logits) is larger")
+    max_batch_chunks: int = Field(1024, ge=1, le=1_000_000, description="trainers dead-letter batches split into "
+                                                                        "more entries")
     retry_initial_s: float = Field(0.2, gt=0)
     retry_max_s: float = Field(10.0, gt=0)
     dedupe_ttl_s: int = Field(7 * 86400, ge=60, description="how long a published batch id is remembered")
@@ -139,10 +145,16 @@ class ServiceConfig(BaseModel):
     max_queue_images: int = Field(1024, ge=1, description="queued images beyond which requests get 429")
     sync_max_images: int = Field(64, ge=1, le=4096, description="largest POST /v1/images request")
     max_iterations: int = Field(10_000, ge=1, description="cap on a request's iterations")
+    max_body_bytes: int = Field(2**20, ge=1024, le=2**30, description="larger request bodies get 413 before they "
+                                                                       "are read")
+    docs_open: bool = Field(False, description="serve /docs, /redoc and /openapi.json without the token")
     request_timeout_s: float = Field(600.0, gt=0)
     job_max_images: int = Field(100_000, ge=1)
     job_retention: int = Field(32, ge=1, description="jobs kept (finished ones are evicted oldest first)")
     job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are dropped after this")
+    job_retention_bytes: int = Field(2**30, ge=2**20, description="memory for job results; beyond it the oldest "
+                                                                  "finished results are evicted and new jobs that "
+                                                                  "cannot fit get 429")
     production_per_class: int = Field(8, ge=2, description="images per class in background batches")
     production_enabled: bool = Field(False, description="start producing into the stream at start-up")
     access_log: bool = Field(True, description="log every HTTP request (off under `dfkd up`: scrapes and polls)")
@@ -239,6 +251,19 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
 
     _yaml_file: ClassVar[Path | None] = None
+
+    @model_validator(mode="after")
+    def _production_fits(self) -> "Settings":
+        # Production deals whole per-class groups into engine batches: a group larger than a batch never fits.
+        max_batch = self.service.max_batch or self.synth.batch_size
+        if self.service.production_per_class > max_batch:
+            raise ValueError(f"service.production_per_class ({self.service.production_per_class}) is larger than an "
+                             f"engine batch ({max_batch}: service.max_batch, else synth.batch_size), so production "
+                             "could never fill one")
+        if max_batch > self.stream.max_batch_images:
+            raise ValueError(f"an engine batch of {max_batch} images is over stream.max_batch_images "
+                             f"({self.stream.max_batch_images}): trainers would dead-letter every batch")
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

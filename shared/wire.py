@@ -31,6 +31,9 @@ EntryFields = dict[bytes, bytes]
 SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 SHA256_HEX = r"^[0-9a-f]{64}$"
 
+# A header is a few KB (labels, synthesis params); reading one larger than this would let a field size our memory.
+MAX_HEADER_BYTES = 1 << 20
+
 # Room left in each chunk's budget for the digits of chunk_index/chunk_count, which differ from chunk to chunk.
 _CHUNK_FIELD_SLACK = 40
 
@@ -146,6 +149,8 @@ def _field(fields: Mapping[bytes, bytes], name: bytes) -> bytes:
 def decode_header(fields: Mapping[bytes, bytes]) -> BatchHeader:
     """The validated header of one entry."""
     raw = _field(fields, HEADER_FIELD)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WireFormatError(f"batch header of {len(raw)} bytes is over the {MAX_HEADER_BYTES}-byte limit")
     try:
         return BatchHeader.model_validate_json(raw)
     except ValidationError as error:
@@ -187,6 +192,9 @@ class BatchCodec:
         header = self.header(batch, payload)
         header_json = header.model_dump_json().encode()
         header_bytes = len(header_json)
+        if header_bytes > MAX_HEADER_BYTES - _CHUNK_FIELD_SLACK:
+            raise WireFormatError(f"batch {batch.batch_id!r}: its {header_bytes}-byte header is over the "
+                                  f"{MAX_HEADER_BYTES}-byte limit (too many labels or stats)")
         if header_bytes + len(payload) <= max_entry_bytes:
             return [{HEADER_FIELD: header_json, PAYLOAD_FIELD: payload}]
         room = max_entry_bytes - header_bytes - _CHUNK_FIELD_SLACK
@@ -237,9 +245,11 @@ class BatchCodec:
             if other.model_dump_json(exclude={"chunk_index"}) != first.model_dump_json(exclude={"chunk_index"}):
                 raise WireFormatError(f"batch {first.batch_id!r}: chunk headers disagree beyond chunk_index")
         indices = sorted(h.chunk_index for h in headers)
-        expected = list(range(first.chunk_count))
-        if indices != expected:
+        if indices != list(range(len(headers))) or len(headers) != first.chunk_count:
+            # Sized by what was received, never by the claimed chunk_count.
             duplicated = sorted({i for i in indices if indices.count(i) > 1})
-            missing = sorted(set(expected) - set(indices))
+            missing = [i for i in range(min(first.chunk_count, len(headers) + 10)) if i not in set(indices)]
             raise WireFormatError(f"batch {first.batch_id!r}: chunks incomplete or repeated for chunk_count "
-                                  f"{first.chunk_count}: missing {missing}, duplicated {duplicated}")
+                                  f"{first.chunk_count}: {len(headers)} received, missing {missing[:10]}"
+                                  f"{'...' if first.chunk_count - len(set(indices)) > 10 else ''}, "
+                                  f"duplicated {duplicated[:10]}")

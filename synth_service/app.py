@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -16,8 +16,9 @@ from shared.errors import DfkdError, InvalidRequestError
 from shared.teacher import Teacher, load_teacher
 from synth_service.batcher import Batcher, QueueFullError
 from synth_service.encode import MEDIA_TYPES, encode_result
+from synth_service.http_guards import BodyLimit, TokenGuard, summarised_validation_errors
 from synth_service.engine import InversionEngine, SynthResult, plan_batches
-from synth_service.jobs import JobManager, JobNotFound
+from synth_service.jobs import JobGone, JobManager, JobNotFound
 from synth_service.metrics import SynthMetrics
 from synth_service.production import ProductionController
 from synth_service.schemas import (
@@ -36,8 +37,11 @@ from synth_service.schemas import (
 )
 
 ERRORS = {401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+          413: {"model": ErrorBody, "description": "request body over service.max_body_bytes"},
           422: {"description": "invalid request"},
           429: {"model": ErrorBody, "description": "over capacity; see Retry-After"}}
+GONE = {404: {"model": ErrorBody, "description": "no such job"},
+        410: {"model": ErrorBody, "description": "the job's result was evicted (retention budget or age)"}}
 BINARY = {"content": {"image/png": {}, "application/zip": {}, "application/octet-stream": {}},
           "description": "PNG (one image or a grid), zip of PNGs, or npz"}
 
@@ -79,7 +83,9 @@ def create_app(settings: Settings, teacher: Teacher | None = None) -> FastAPI:
         batcher.start()
         production.start()
         app.state.service = Service(settings, t, engine, batcher,
-                                    JobManager(batcher, cfg.job_retention, cfg.job_ttl_s, t.card.class_names),
+                                    JobManager(batcher, cfg.job_retention, cfg.job_ttl_s, t.card.class_names,
+                                               retention_bytes=cfg.job_retention_bytes,
+                                               bytes_per_image=job_bytes_per_image(t.card)),
                                     production, metrics)
         try:
             yield
@@ -97,17 +103,11 @@ def create_app(settings: Settings, teacher: Teacher | None = None) -> FastAPI:
     def service(request: Request) -> Service:
         return request.app.state.service
 
-    def require_token(request: Request) -> None:
-        if token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    def metrics_guard(request: Request) -> None:
-        if cfg.metrics_auth:
-            require_token(request)
+    # Added innermost first: the metrics middleware below wraps both, so 401s and 413s are counted too.
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    if token is not None:
+        app.add_middleware(TokenGuard, token=token, open_paths=open_paths(app, cfg))
+    app.add_exception_handler(RequestValidationError, summarised_validation_errors)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -132,6 +132,10 @@ def create_app(settings: Settings, teacher: Teacher | None = None) -> FastAPI:
     async def not_found(request: Request, exc: JobNotFound):
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
+    @app.exception_handler(JobGone)
+    async def gone(request: Request, exc: JobGone):
+        return JSONResponse({"detail": str(exc)}, status_code=410)
+
     def check_request(svc: Service, req: ImageRequest, max_images: int) -> list[int]:
         k = svc.teacher.card.num_classes
         bad = sorted({c for c in req.class_ids if not 0 <= c < k})
@@ -146,7 +150,7 @@ def create_app(settings: Settings, teacher: Teacher | None = None) -> FastAPI:
         return [c for c in req.class_ids for _ in range(req.per_class)]
 
     # -- images -----------------------------------------------------------------------------------------------------
-    @app.post("/v1/images", tags=["images"], dependencies=[Depends(require_token)],
+    @app.post("/v1/images", tags=["images"],
               responses={200: BINARY, **ERRORS, 504: {"model": ErrorBody, "description": "timed out"}},
               response_class=Response)
     async def create_images(req: ImageRequest, svc: Service = Depends(service)) -> Response:
@@ -165,22 +169,19 @@ def create_app(settings: Settings, teacher: Teacher | None = None) -> FastAPI:
             "X-Teacher-Top1": f"{float((result.teacher_top1 == result.labels).float().mean()):.4f}"})
 
     # -- jobs -------------------------------------------------------------------------------------------------------
-    @app.post("/v1/jobs", tags=["jobs"], status_code=202, dependencies=[Depends(require_token)],
-              responses=ERRORS)
+    @app.post("/v1/jobs", tags=["jobs"], status_code=202, responses=ERRORS)
     async def create_job(req: JobRequest, svc: Service = Depends(service)) -> JobStatus:
         """Queue a large request; poll its status and fetch the result when done."""
         check_request(svc, req, cfg.job_max_images)
         plan_batches(req.class_ids, req.per_class, svc.batcher.max_batch)
         return svc.jobs.create(req, req.iterations).status()
 
-    @app.get("/v1/jobs/{job_id}", tags=["jobs"], dependencies=[Depends(require_token)],
-             responses={404: {"model": ErrorBody}, **ERRORS})
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"], responses={**GONE, **ERRORS})
     async def job_status(job_id: str, svc: Service = Depends(service)) -> JobStatus:
         return svc.jobs.get(job_id).status()
 
-    @app.get("/v1/jobs/{job_id}/result", tags=["jobs"], dependencies=[Depends(require_token)],
-             response_class=Response, responses={200: BINARY, 404: {"model": ErrorBody},
-                                                 409: {"model": ErrorBody, "description": "not done yet"}, **ERRORS})
+    @app.get("/v1/jobs/{job_id}/result", tags=["jobs"], response_class=Response,
+             responses={200: BINARY, **GONE, 409: {"model": ErrorBody, "description": "not done yet"}, **ERRORS})
     async def job_result(job_id: str, svc: Service = Depends(service)) -> Response:
         job = svc.jobs.get(job_id)
         if job.state != "done":
@@ -188,18 +189,17 @@ def create_app(settings: Settings, teacher: Teacher | None = None) -> FastAPI:
         body = await asyncio.to_thread(svc.jobs.result_bytes, job)
         return Response(body, media_type=MEDIA_TYPES[job.request.format])
 
-    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], dependencies=[Depends(require_token)],
-                responses={404: {"model": ErrorBody}, **ERRORS})
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], responses={**GONE, **ERRORS})
     async def delete_job(job_id: str, svc: Service = Depends(service)) -> JobStatus:
         """Cancel a running job, or drop a finished one."""
         return svc.jobs.delete(job_id).status()
 
     # -- metadata ---------------------------------------------------------------------------------------------------
-    @app.get("/v1/classes", tags=["metadata"], dependencies=[Depends(require_token)], responses=ERRORS)
+    @app.get("/v1/classes", tags=["metadata"], responses=ERRORS)
     async def classes(svc: Service = Depends(service)) -> ClassList:
         return ClassList(classes=[ClassInfo(id=i, name=n) for i, n in enumerate(svc.teacher.card.class_names)])
 
-    @app.get("/v1/info", tags=["metadata"], dependencies=[Depends(require_token)], responses=ERRORS)
+    @app.get("/v1/info", tags=["metadata"], responses=ERRORS)
     async def info(svc: Service = Depends(service)) -> ServiceInfo:
         c = svc.teacher.card
         return ServiceInfo(
@@ -209,15 +209,16 @@ def create_app(settings: Settings, teacher: Teacher | None = None) -> FastAPI:
             synthesis_defaults=svc.settings.synth.model_dump(mode="json"),
             limits={"max_batch": svc.batcher.max_batch, "sync_max_images": cfg.sync_max_images,
                     "job_max_images": cfg.job_max_images, "max_iterations": cfg.max_iterations,
-                    "max_queue_images": cfg.max_queue_images, "max_wait_ms": cfg.max_wait_ms},
+                    "max_queue_images": cfg.max_queue_images, "max_wait_ms": cfg.max_wait_ms,
+                    "max_body_bytes": cfg.max_body_bytes, "job_retention_bytes": cfg.job_retention_bytes},
             device=str(svc.engine.device))
 
     # -- background production --------------------------------------------------------------------------------------
-    @app.get("/v1/production", tags=["production"], dependencies=[Depends(require_token)], responses=ERRORS)
+    @app.get("/v1/production", tags=["production"], responses=ERRORS)
     async def production_status(svc: Service = Depends(service)) -> ProductionStatus:
         return svc.production.status()
 
-    @app.put("/v1/production", tags=["production"], dependencies=[Depends(require_token)],
+    @app.put("/v1/production", tags=["production"],
              responses={409: {"model": ErrorBody, "description": "no Redis stream configured"}, **ERRORS})
     async def production_update(update: ProductionUpdate, svc: Service = Depends(service)) -> ProductionStatus:
         """Start or stop continuous production into the Redis stream, and set the class policy."""
@@ -226,6 +227,11 @@ def create_app(settings: Settings, teacher: Teacher | None = None) -> FastAPI:
         k = svc.teacher.card.num_classes
         if update.classes is not None and any(not 0 <= c < k for c in update.classes):
             raise _unprocessable("classes", f"class ids must be in 0..{k - 1}")
+        per_class = update.per_class if update.per_class is not None else svc.production.per_class
+        if per_class > svc.batcher.max_batch:
+            raise _unprocessable("per_class", f"per_class {per_class} is larger than an engine batch "
+                                              f"({svc.batcher.max_batch} images): production deals whole per-class "
+                                              "groups into batches, so none would ever fit")
         svc.production.update(update)
         svc.batcher.wake()
         return svc.production.status()
@@ -248,10 +254,24 @@ def create_app(settings: Settings, teacher: Teacher | None = None) -> FastAPI:
             return JSONResponse(body.model_dump(), status_code=503)
         return body
 
-    @app.get("/metrics", tags=["operations"], dependencies=[Depends(metrics_guard)], response_class=Response,
+    @app.get("/metrics", tags=["operations"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}}, 401: ERRORS[401]})
     async def metrics_endpoint() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
+
+def job_bytes_per_image(card) -> int:
+    """A finished job's memory per image: uint8 pixels, fp32 logits, and the per-image label and teacher figures."""
+    return card.in_chans * card.image_size ** 2 + 4 * card.num_classes + 24
+
+
+def open_paths(app: FastAPI, cfg) -> set[str]:
+    """The paths served without the token when one is set: /healthz, and what the config opens on purpose."""
+    paths = {"/healthz"}
+    if cfg.docs_open:
+        paths |= {p for p in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url) if p}
+    if not cfg.metrics_auth:
+        paths.add("/metrics")
+    return paths

@@ -22,6 +22,7 @@ from synth_service.report import mean_diversity
 
 # Lower runs first: synchronous HTTP requests, then job chunks; background production only fills what is left.
 PRIORITY = {"http": 0, "job": 1}
+IDLE_WAIT_S = 1.0  # longest sleep of a worker with nothing to run; any submit or wake() ends it sooner
 
 
 class QueueFullError(DfkdError):
@@ -165,6 +166,11 @@ class Batcher:
             self.metrics.queue_images.set(self._queued_images)
             return items, iterations
 
+    def _idle_wait(self) -> None:
+        with self._cond:
+            if self._running:
+                self._cond.wait(timeout=IDLE_WAIT_S)
+
     def _fill_available(self) -> bool:
         return self.fill is not None and self.fill.active()
 
@@ -179,6 +185,7 @@ class Batcher:
             if self.fill is not None and iterations is None and len(labels) < self.max_batch:
                 fill_labels = self.fill.next_labels(self.max_batch - len(labels))
             if not labels and not fill_labels:
+                self._idle_wait()  # production is on but dealt nothing: block until woken, never spin
                 continue
             self._run_batch(items, iterations, fill_labels)
 

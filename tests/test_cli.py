@@ -110,13 +110,14 @@ def test_serve_runs_the_service(card_path, tmp_path):
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/readyz", headers={"Authorization": "Bearer t0ken"}, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "dfkd serve did not become ready"
             time.sleep(0.3)
         assert httpx.get(f"{url}/v1/classes").status_code == 401  # the env var turned auth on
+        assert httpx.get(f"{url}/readyz").status_code == 401
         res = httpx.post(f"{url}/v1/images", json={"class_ids": [2], "per_class": 2},
                          headers={"Authorization": "Bearer t0ken"}, timeout=60)
         assert res.status_code == 200 and res.headers["x-labels"] == "2,2"

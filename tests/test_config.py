@@ -62,3 +62,11 @@ def test_dfkd_config_prints_effective_settings_without_secrets():
     assert "s3cret-token" not in run.stdout
     printed = yaml.safe_load(run.stdout)
     assert printed["train"]["steps"] == 77 and printed["synth"]["iterations"] == 150
+
+
+def test_settings_that_could_never_run_are_refused():
+    with pytest.raises(ValidationError, match=r"production_per_class \(200\) is larger than an engine batch \(100"):
+        Settings.load("digits", service={"production_per_class": 200})
+    with pytest.raises(ValidationError, match=r"engine batch of 100 images is over stream.max_batch_images \(50\)"):
+        Settings.load("digits", stream={"max_batch_images": 50})
+    assert Settings.load("digits", service={"max_batch": 200, "production_per_class": 200}).service.max_batch == 200

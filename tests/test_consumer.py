@@ -2,6 +2,7 @@
 dead letters, and a SIGKILLed consumer process."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from shared.batch_contract import BatchContract
 from shared.config import StreamConfig
 from shared.stream import StreamProducer
 from shared.wire import HEADER_FIELD, PAYLOAD_FIELD, BatchCodec
@@ -30,7 +32,8 @@ def stream_config(**overrides) -> StreamConfig:
 
 
 def make_consumer(client: redis.Redis, store: SyntheticStore, name: str = "c-0", **overrides) -> StreamConsumer:
-    args = dict(expected_fingerprint=FINGERPRINT, block_ms=0, batch_entries=4, claim_idle_ms=30_000)
+    contract = dataclasses.replace(BatchContract.from_stream(stream_config()), fingerprint=FINGERPRINT)
+    args = dict(contract=contract, block_ms=0, batch_entries=4, claim_idle_ms=30_000)
     consumer = StreamConsumer(client, stream_config(), name, store, **{**args, **overrides})
     consumer.ensure_group()
     return consumer
@@ -331,7 +334,7 @@ def test_a_batch_with_a_chunk_gone_from_the_stream_is_dead_lettered_whole(redis_
 def test_refuses_a_decoding_client(redis_server, tmp_path):
     with pytest.raises(ValueError, match="decode_responses=False"):
         StreamConsumer(redis.Redis.from_url(redis_server.url, decode_responses=True), stream_config(), "c",
-                       SyntheticStore(tmp_path), expected_fingerprint=None)
+                       SyntheticStore(tmp_path))
 
 
 def _start_consumer(redis_url: str, store: Path, until: int) -> subprocess.Popen:

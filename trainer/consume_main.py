@@ -6,6 +6,7 @@ forever. The full trainer embeds StreamConsumer instead; this is for operations 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.batch_contract import BatchContract
 from shared.config import StreamConfig
 from shared.stream import connect_redis
 from trainer.consumer import StreamConsumer
@@ -40,9 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = StreamConfig(redis_url=args.redis_url, run=args.run, group=args.group)
-    store = SyntheticStore(args.store)
+    contract = dataclasses.replace(BatchContract.from_stream(config), fingerprint=args.fingerprint)
+    store = SyntheticStore(args.store, contract)
     consumer = StreamConsumer(connect_redis(args.redis_url), config, args.consumer, store,
-                              expected_fingerprint=args.fingerprint, max_deliveries=args.max_deliveries,
+                              contract=contract, max_deliveries=args.max_deliveries,
                               claim_idle_ms=args.claim_idle_ms, block_ms=args.block_ms,
                               batch_entries=args.batch_entries)
     stopping = False

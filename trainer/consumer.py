@@ -36,15 +36,18 @@ import numpy as np
 import redis
 from redis.exceptions import ResponseError
 
+from shared.batch_contract import BatchContract
 from shared.config import StreamConfig
 from shared.errors import WireFormatError
-from shared.wire import HEADER_FIELD, PAYLOAD_FIELD, BatchCodec, BatchHeader, WireBatch, decode_header
+from shared.wire import HEADER_FIELD, PAYLOAD_FIELD, BatchCodec, BatchHeader, decode_header
 from trainer.store import SyntheticStore
 
 Fields = Mapping[bytes, bytes]
 Entry = tuple[str, Fields]
 
 DEAD_LETTER_PAYLOAD_CAP = 1 << 20  # bigger payloads are left out of the dead letter (its header says how big)
+DEAD_LETTER_HEADER_CAP = 64 << 10  # a header is a few KB; a longer one is cut in the dead letter (its size is kept)
+SCAN_PAGE = 4  # entries read per round when looking for a batch's other chunks
 
 
 def _text(value: Any) -> str:
@@ -58,6 +61,7 @@ class PollResult:
     stored: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    conflicts: int = 0  # of the dead-lettered: another batch under a stored batch's id
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class _Partial:
 
     header: BatchHeader
     chunks: dict[int, Entry] = field(default_factory=dict)
+    payload_bytes: int = 0  # received so far: never more than the header's payload_bytes
 
     @property
     def complete(self) -> bool:
@@ -101,12 +106,15 @@ class _Partial:
     def ids(self) -> list[str]:
         return [self.chunks[i][0] for i in sorted(self.chunks)]
 
+    def chunks_in_order(self) -> list[Entry]:
+        return [self.chunks[i] for i in sorted(self.chunks)]
+
 
 class StreamConsumer:
     """One trainer's reader of `dfkd:{run}:batches` in the consumer group `config.group`."""
 
     def __init__(self, client: redis.Redis, config: StreamConfig, consumer_name: str, store: SyntheticStore, *,
-                 expected_fingerprint: str | None, max_deliveries: int = 5, claim_idle_ms: int = 30_000,
+                 contract: BatchContract | None = None, max_deliveries: int = 5, claim_idle_ms: int = 30_000,
                  block_ms: int = 1000, batch_entries: int = 16,
                  dead_letter_payload_cap: int = DEAD_LETTER_PAYLOAD_CAP) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
@@ -119,7 +127,8 @@ class StreamConsumer:
         self.dead_letter_key = config.key("dead")  # beside the stream, one per run
         self.name = consumer_name
         self.store = store
-        self.expected_fingerprint = expected_fingerprint
+        # Without a teacher's contract the stream's size caps still apply: no header may size our memory.
+        self.contract = contract or BatchContract.from_stream(config)
         self.max_deliveries = max_deliveries
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
@@ -130,6 +139,7 @@ class StreamConsumer:
         self.stored = 0
         self.duplicates = 0
         self.dead_lettered = 0
+        self.conflicts = 0  # batches whose id was stored already with different content
         self._own_pending_from: str | None = "0"  # where the scan of our own pending list resumes; None: done
         self._claim_from = "0-0"
         self._partials: dict[str, _Partial] = {}
@@ -245,14 +255,29 @@ class StreamConsumer:
             except WireFormatError as error:
                 self._dead_letter([(entry_id, fields)], str(error))
                 continue
-            partial = self._partials.setdefault(header.batch_id, _Partial(header))
-            held = partial.chunks.get(header.chunk_index)
-            if held is not None and held[0] == entry_id:
-                continue  # the same entry again (our pending list re-read): nothing new
-            if held is not None or not _same_batch(partial.header, header):
-                self._dead_letter([(entry_id, fields)], f"batch {header.batch_id!r}: chunk {header.chunk_index} "
-                                  f"conflicts with entry {held[0] if held else partial.ids[0]} already read")
+            # Before any bookkeeping: the header's counts and sizes are only trusted within the contract.
+            reason = self.contract.header_violation(header)
+            if reason is not None:
+                self._dead_letter([(entry_id, fields)], f"batch {header.batch_id!r}: {reason}")
                 continue
+            partial = self._partials.get(header.batch_id)
+            if partial is not None:
+                held = partial.chunks.get(header.chunk_index)
+                if held is not None and held[0] == entry_id:
+                    continue  # the same entry again (our pending list re-read): nothing new
+                if held is not None or not _same_batch(partial.header, header):
+                    self._dead_letter([(entry_id, fields)], f"batch {header.batch_id!r}: chunk "
+                                      f"{header.chunk_index} conflicts with entry "
+                                      f"{held[0] if held else partial.ids[0]} already read")
+                    continue
+            size = len(fields.get(PAYLOAD_FIELD, b""))
+            if (partial.payload_bytes if partial else 0) + size > header.payload_bytes:
+                self._dead_letter([(entry_id, fields)], f"batch {header.batch_id!r}: chunk {header.chunk_index} "
+                                  f"brings the payload over the {header.payload_bytes} bytes its header declares")
+                continue
+            if partial is None:
+                partial = self._partials[header.batch_id] = _Partial(header)
+            partial.payload_bytes += size
             partial.chunks[header.chunk_index] = (entry_id, fields)
 
     def _settle(self) -> None:
@@ -261,8 +286,7 @@ class StreamConsumer:
             for batch_id, partial in list(self._partials.items()):
                 if batch_id in self.store:  # stored before a crash (or by a consumer sharing the store)
                     del self._partials[batch_id]
-                    self._ack(partial.ids)  # chunk by chunk as they come: no need to gather the rest
-                    self.duplicates += 0 in partial.chunks  # one per copy of the batch, however it was cut
+                    self._settle_duplicate(partial)
                 elif partial.complete:
                     del self._partials[batch_id]
                     self._finish(partial)
@@ -275,10 +299,11 @@ class StreamConsumer:
         found = self._find_chunks(partial)
         header = partial.header
         if len(found) + len(partial.chunks) < header.chunk_count:
-            missing = sorted(set(range(header.chunk_count)) - set(found) - set(partial.chunks))
+            missing = [i for i in range(header.chunk_count) if i not in found and i not in partial.chunks]
             del self._partials[header.batch_id]
-            self._dead_letter(self._still_ours(partial), f"batch {header.batch_id!r}: chunks {missing} of "
-                              f"{header.chunk_count} are no longer in the stream; the batch cannot be rebuilt")
+            self._dead_letter(self._still_ours(partial), f"batch {header.batch_id!r}: chunks {missing[:20]}"
+                              f"{'...' if len(missing) > 20 else ''} of {header.chunk_count} are no longer in the "
+                              "stream; the batch cannot be rebuilt")
             return False
         if 0 not in partial.chunks and self._pending_elsewhere(found[0][0]):
             # Another consumer holds the first chunk: it completes the batch and takes these entries from us.
@@ -293,6 +318,7 @@ class StreamConsumer:
         for entry_id in claimed:
             index, fields = by_id[entry_id]
             partial.chunks[index] = (entry_id, fields)
+            partial.payload_bytes += len(fields.get(PAYLOAD_FIELD, b""))
         undelivered = len(wanted) - len(claimed)
         # The rest were never delivered: they are the next entries of the stream, so read them the normal way
         # (deleting them unread would break the producers' backlog count).
@@ -301,27 +327,47 @@ class StreamConsumer:
         return bool(claimed) or bool(undelivered)
 
     def _find_chunks(self, partial: _Partial) -> dict[int, Entry]:
-        """The batch's chunks that `partial` lacks, read from where they must be: next to the ones it holds."""
+        """The batch's chunks that `partial` lacks, read from where they must be: next to the ones it holds.
+
+        A batch's chunks are consecutive entries (added in one script), so each scan stops at the first entry of
+        another batch: what is read is bounded by the batch itself, whatever its header claims.
+        """
         held = sorted(partial.chunks.items())
         (low, (low_id, _)), (high, (high_id, _)) = held[0], held[-1]
         count = partial.header.chunk_count
-        candidates: list[Entry] = []
-        if low > 0:
-            candidates += self.client.xrevrange(self.stream_key, max=f"({low_id}", min="-", count=low)
-        if high - low + 1 > len(held):
-            candidates += self.client.xrange(self.stream_key, min=f"({low_id}", max=f"({high_id}", count=high - low)
-        if high < count - 1:
-            candidates += self.client.xrange(self.stream_key, min=f"({high_id}", max="+", count=count - 1 - high)
         found: dict[int, Entry] = {}
-        for entry_id, fields in candidates:
-            try:
-                header = decode_header(fields)
-            except WireFormatError:
-                continue
-            if header.batch_id == partial.header.batch_id and _same_batch(partial.header, header) \
-                    and header.chunk_index not in partial.chunks:
-                found[header.chunk_index] = (_text(entry_id), fields)
+
+        def take(entries: Iterator[Entry]) -> None:
+            for entry_id, fields in entries:
+                try:
+                    header = decode_header(fields)
+                except WireFormatError:
+                    return
+                if not _same_batch(partial.header, header):
+                    return
+                if header.chunk_index not in partial.chunks:
+                    found[header.chunk_index] = (entry_id, fields)
+
+        if low > 0:
+            take(self._scan(f"({low_id}", "-", low, reverse=True))
+        if high - low + 1 > len(held):
+            take(self._scan(f"({low_id}", f"({high_id}", high - low - 1))
+        if high < count - 1:
+            take(self._scan(f"({high_id}", "+", count - 1 - high))
         return found
+
+    def _scan(self, start: str, end: str, limit: int, *, reverse: bool = False) -> Iterator[Entry]:
+        """Up to `limit` entries from `start` towards `end`, nearest first, read a page at a time as consumed."""
+        while limit > 0:
+            count = min(SCAN_PAGE, limit)
+            page = (self.client.xrevrange(self.stream_key, max=start, min=end, count=count) if reverse
+                    else self.client.xrange(self.stream_key, min=start, max=end, count=count))
+            if not page:
+                return
+            for entry_id, fields in page:
+                yield _text(entry_id), fields
+            limit -= len(page)
+            start = f"({_text(page[-1][0])}"
 
     def _pending_elsewhere(self, entry_id: str) -> bool:
         pending = self.client.xpending_range(self.stream_key, self.config.group, entry_id, entry_id, 1)
@@ -333,39 +379,40 @@ class StreamConsumer:
         pending = self.client.xpending_range(self.stream_key, self.config.group, ids[0], ids[-1], len(ids) * 2,
                                              consumername=self.name)
         ours = {_text(p["message_id"]) for p in pending}
-        return [partial.chunks[i] for i in sorted(partial.chunks) if partial.chunks[i][0] in ours]
+        return [entry for entry in partial.chunks_in_order() if entry[0] in ours]
 
     # ---- storing -------------------------------------------------------------------------------------------------
 
     def _finish(self, partial: _Partial) -> None:
-        entries = [partial.chunks[i] for i in sorted(partial.chunks)]
+        entries = partial.chunks_in_order()
         try:
             batch = self.codec.decode([fields for _, fields in entries])
         except WireFormatError as error:
             self._dead_letter(entries, str(error))
             return
-        reason = self._rejection(batch)
+        reason = self.contract.arrays_violation(partial.header, batch.images.shape, batch.images.dtype,
+                                                np.asarray(batch.labels), batch.logits)
         if reason is not None:
-            self._dead_letter(entries, reason)
+            self._dead_letter(entries, f"batch {batch.batch_id!r}: {reason}")
             return
         if self.store.put(batch):  # durable (fsync + rename) before the ack below
             self.stored += 1
+            self._ack(partial.ids)
         else:
-            self.duplicates += 1
-        self._ack(partial.ids)
+            self._settle_duplicate(partial)
 
-    def _rejection(self, batch: WireBatch) -> str | None:
-        """What the codec cannot know: is this batch from our teacher, and fit to train on?"""
-        if self.expected_fingerprint is not None and batch.teacher_fingerprint != self.expected_fingerprint:
-            return (f"batch {batch.batch_id!r}: teacher fingerprint {batch.teacher_fingerprint[:12]}... is not this "
-                    f"trainer's teacher {self.expected_fingerprint[:12]}...")
-        if batch.logits is not None:
-            classes = batch.logits.shape[1]
-            if max(batch.labels, default=0) >= classes:
-                return f"batch {batch.batch_id!r}: label {max(batch.labels)} out of range for {classes} teacher logits"
-            if not np.isfinite(batch.logits).all():
-                return f"batch {batch.batch_id!r}: non-finite teacher logits"
-        return None
+    def _settle_duplicate(self, partial: _Partial) -> None:
+        """A batch id the store holds: acknowledge a true copy; dead-letter a different batch under that id."""
+        stored = self.store.digest(partial.header.batch_id)
+        if stored != partial.header.payload_sha256:
+            # The first copy stays (it may have been trained on already); the conflict is recorded, not lost.
+            self._dead_letter(partial.chunks_in_order(), f"batch {partial.header.batch_id!r}: this id is stored "
+                              f"already with other content (stored sha256 {stored[:12]}..., this one "
+                              f"{partial.header.payload_sha256[:12]}...); the first copy is kept")
+            self.conflicts += 0 in partial.chunks
+            return
+        self._ack(partial.ids)  # chunk by chunk as they come: no need to gather the rest
+        self.duplicates += 0 in partial.chunks  # one per copy of the batch, however it was cut
 
     def _ack(self, ids: Sequence[str]) -> None:
         if not ids:
@@ -405,7 +452,8 @@ class StreamConsumer:
         record: dict[bytes, bytes | str | int] = {
             b"entry_id": entry_id, b"stream": self.stream_key, b"group": self.config.group,
             b"consumer": self.name, b"reason": reason[:4000], b"failed_at": f"{time.time():.3f}",
-            HEADER_FIELD: header, b"payload_bytes": len(payload)}
+            HEADER_FIELD: header[:DEAD_LETTER_HEADER_CAP], b"header_bytes": len(header),
+            b"payload_bytes": len(payload)}
         if len(payload) <= self.dead_letter_payload_cap:
             record[PAYLOAD_FIELD] = payload
         return record
@@ -413,11 +461,11 @@ class StreamConsumer:
     # ---- counters ------------------------------------------------------------------------------------------------
 
     def _counts(self) -> PollResult:
-        return PollResult(self.stored, self.duplicates, self.dead_lettered)
+        return PollResult(self.stored, self.duplicates, self.dead_lettered, self.conflicts)
 
     def _since(self, before: PollResult) -> PollResult:
         return PollResult(self.stored - before.stored, self.duplicates - before.duplicates,
-                          self.dead_lettered - before.dead_lettered)
+                          self.dead_lettered - before.dead_lettered, self.conflicts - before.conflicts)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from shared.batch_contract import BatchContract
 from shared.config import Settings, resolve_device
 from shared.stream import connect_redis
 from shared.teacher import Teacher, TeacherCard
@@ -106,13 +107,18 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
     out.mkdir(parents=True, exist_ok=True)
     seed = settings.seed + ctx.rank  # ranks draw different augmentations and replay orders
     metrics = TrainerMetrics(port=cfg.metrics_port if ctx.is_main else None)
-    store = SyntheticStore(ctx.rank_dir(cfg.store_dir))
+    # One contract for the stream and the store: only batches this teacher's student can train on get in.
+    contract = BatchContract.from_stream(settings.stream, card)
+    store = SyntheticStore(ctx.rank_dir(cfg.store_dir), contract)
+    for batch_id, reason in store.quarantined:
+        log(f"store: batch {batch_id!r} quarantined to {store.quarantine_dir}: {reason}")
+    metrics.quarantined.inc(len(store.quarantined))
     sampler = FreshFirstSampler(store, cfg.batch_size, seed=seed)
     feeder = None
     if settings.stream.redis_url is not None and cfg.real_fraction < 1:
         consumer = StreamConsumer(connect_redis(settings.stream.redis_url), settings.stream,
                                   ctx.rank_name(cfg.consumer_name), store,
-                                  expected_fingerprint=card.fingerprint, max_deliveries=cfg.max_deliveries,
+                                  contract=contract, max_deliveries=cfg.max_deliveries,
                                   # ranks read one entry at a time, so the stream is shared out evenly
                                   batch_entries=1 if ctx.enabled else 16,
                                   claim_idle_ms=cfg.claim_idle_ms)

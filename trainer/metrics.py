@@ -22,6 +22,10 @@ class TrainerMetrics:
         self.duplicates = Counter(f"{PREFIX}_stream_duplicates", "Stream batches already stored", registry=r)
         self.dead_lettered = Counter(f"{PREFIX}_dead_lettered", "Stream entries sent to the dead-letter stream",
                                      registry=r)
+        self.conflicts = Counter(f"{PREFIX}_stream_conflicts", "Batches whose id was stored already with other "
+                                 "content (dead-lettered; the first copy is kept)", registry=r)
+        self.quarantined = Counter(f"{PREFIX}_store_quarantined", "Stored batches moved aside on open "
+                                   "(unreadable, or outside the teacher's contract)", registry=r)
         self._last_step: float | None = None
         self.starved_total = 0.0
         if port is not None:
@@ -31,6 +35,7 @@ class TrainerMetrics:
         self.stored.inc(result.stored)
         self.duplicates.inc(result.duplicates)
         self.dead_lettered.inc(result.dead_lettered)
+        self.conflicts.inc(result.conflicts)
 
     def step(self, terms: dict, images: int, store) -> None:
         import time

@@ -6,6 +6,8 @@ Layout under `root`:
                           order). `np.load(path, allow_pickle=False)` reads it; nothing in it is pickled.
   index.jsonl             one line per batch in arrival order: a cache for fast opening. The npz files are the truth:
                           a missing, torn or stale index is rebuilt from them on open.
+  quarantine/             batches refused on open (unreadable, or outside the trainer's contract), moved aside
+                          with `reasons.jsonl` saying why: a bad file is kept for inspection, never trained on.
 
 Writes are crash-safe: temp file in the same directory, fsync, atomic rename, fsync of the directory. A SIGKILL at
 any point leaves either the whole batch or nothing (plus a temp file that the next open removes).
@@ -16,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +28,8 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 
-from shared.wire import SAFE_ID, BatchCodec, SynthesisRecord, WireBatch
+from shared.batch_contract import BatchContract
+from shared.wire import SAFE_ID, BatchCodec, BatchHeader, SynthesisRecord, WireBatch
 
 _SAFE_ID = re.compile(SAFE_ID)
 _TMP_SUFFIX = ".tmp"
@@ -99,16 +104,25 @@ def _writer_alive(tmp: Path) -> bool:
 
 
 class SyntheticStore:
-    """`store.put(batch)` once per batch id; `store.get(id)`, `store.batch_ids()` in arrival order."""
+    """`store.put(batch)` once per batch id; `store.get(id)`, `store.batch_ids()` in arrival order.
 
-    def __init__(self, root: Path | str) -> None:
+    With a `contract`, every batch is checked against it: on put (refused with ValueError) and on open (a stored
+    batch that breaks it is quarantined, so a bad file can never crash-loop the trainer).
+    """
+
+    def __init__(self, root: Path | str, contract: BatchContract | None = None) -> None:
         self.root = Path(root)
         self.batch_dir = self.root / "batches"
         self.index_path = self.root / "index.jsonl"
+        self.quarantine_dir = self.root / "quarantine"
         self.batch_dir.mkdir(parents=True, exist_ok=True)
+        self.contract = contract
+        self.quarantined: list[tuple[str, str]] = []  # (batch id, reason) moved aside by this open
         self._codec = BatchCodec()
         self._ids: list[str] = []
         self._counts: dict[str, int] = {}
+        self._positions: dict[str, int] = {}
+        self._digests: dict[str, str] = {}  # payload sha256 by batch id, filled as files are read
         self._next_position = 0  # above every position used, even by files deleted since: order stays unambiguous
         self._remove_dead_temp_files()
         self._load_index()
@@ -131,6 +145,29 @@ class SyntheticStore:
     def image_count(self, batch_id: str) -> int:
         return self._counts[batch_id]
 
+    def position(self, batch_id: str) -> int:
+        """Arrival order: increases along batch_ids(), and is never reused, even after a batch is moved aside."""
+        return self._positions[batch_id]
+
+    @property
+    def next_position(self) -> int:
+        """The position the next stored batch gets."""
+        return self._next_position
+
+    def quarantined_ids(self) -> set[str]:
+        """Every batch id ever moved aside from this store (by any open)."""
+        try:
+            lines = (self.quarantine_dir / "reasons.jsonl").read_bytes().splitlines()
+        except FileNotFoundError:
+            return set()
+        ids = set()
+        for line in lines:
+            try:
+                ids.add(json.loads(line)["batch_id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line
+        return ids
+
     def images_count(self) -> int:
         """Images in the whole store."""
         return sum(self._counts.values())
@@ -143,6 +180,14 @@ class SyntheticStore:
             raise KeyError(f"batch {batch_id!r} is not in the store at {self.root}")
         return read_batch(self.path(batch_id))
 
+    def digest(self, batch_id: str) -> str:
+        """The stored batch's payload sha256 (as on the wire): tells a true copy from another batch with its id."""
+        if batch_id not in self._digests:
+            if not self.path(batch_id).is_file():
+                raise KeyError(f"batch {batch_id!r} is not in the store at {self.root}")
+            self._digests[batch_id] = inspect_batch(self.path(batch_id)).header.payload_sha256
+        return self._digests[batch_id]
+
     # ---- writing -------------------------------------------------------------------------------------------------
 
     def put(self, batch: WireBatch) -> bool:
@@ -152,8 +197,13 @@ class SyntheticStore:
             return False
         position = self._next_position
         # The wire header (checksum, shapes, synthesis record) travels with the arrays: the file explains itself.
-        header = self._codec.header(batch, self._codec.payload(batch)).model_dump_json(
-            exclude={"chunk_index", "chunk_count"})
+        wire_header = self._codec.header(batch, self._codec.payload(batch))
+        if self.contract is not None:
+            reason = self.contract.arrays_violation(wire_header, batch.images.shape, batch.images.dtype,
+                                                    np.asarray(batch.labels), batch.logits)
+            if reason is not None:
+                raise ValueError(f"batch {batch.batch_id!r} refused by the store at {self.root}: {reason}")
+        header = wire_header.model_dump_json(exclude={"chunk_index", "chunk_count"})
         arrays: dict[str, np.ndarray] = {
             "images": np.ascontiguousarray(batch.images, dtype=np.uint8),
             "labels": np.asarray(batch.labels, dtype=np.int64),
@@ -167,6 +217,8 @@ class SyntheticStore:
         self._append_index(batch.batch_id, len(batch.labels), position)
         self._ids.append(batch.batch_id)
         self._counts[batch.batch_id] = len(batch.labels)
+        self._positions[batch.batch_id] = position
+        self._digests[batch.batch_id] = wire_header.payload_sha256
         self._next_position = position + 1
         return True
 
@@ -217,14 +269,59 @@ class SyntheticStore:
                 kept[batch_id] = (position, images)
         # Files the index never heard of (a crash between rename and index append, or a deleted index):
         # their `position` array puts them back in arrival order.
-        unlisted = {batch_id: self._position_and_count(batch_id) for batch_id in on_disk - set(kept)}
+        unlisted = {}
+        for batch_id in sorted(on_disk - set(kept)):
+            try:
+                unlisted[batch_id] = self._position_and_count(batch_id)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+                self._quarantine(batch_id, f"unreadable: {error}")
         ordered = sorted({**kept, **unlisted}.items(), key=lambda item: (item[1][0], item[0]))
+        if self.contract is not None:
+            # The file's own label count wins over the index's: the index is only a cache.
+            checked = ((batch_id, position, self._admitted_count(batch_id)) for batch_id, (position, _) in ordered)
+            ordered = [(batch_id, (position, n)) for batch_id, position, n in checked if n is not None]
         self._ids = [batch_id for batch_id, _ in ordered]
         self._counts = {batch_id: images for batch_id, (_, images) in ordered}
+        self._positions = {batch_id: position for batch_id, (position, _) in ordered}
         positions = [position for _, (position, _) in ordered] + [position for _, _, position in listed]
         self._next_position = max(positions, default=-1) + 1
-        if not intact or unlisted or len(kept) != len(listed):
+        if not intact or unlisted or len(kept) != len(listed) or self.quarantined:
             self._rewrite_index([position for _, (position, _) in ordered])
+
+    def _admitted_count(self, batch_id: str) -> int | None:
+        """Check one stored batch against the contract (no image data is read): its image count, or None when it
+        fails and was quarantined."""
+        try:
+            summary = inspect_batch(self.path(batch_id))
+            reason = self.contract.arrays_violation(summary.header, summary.images_shape, summary.images_dtype,
+                                                    summary.labels, summary.logits)
+            if reason is None and summary.header.batch_id != batch_id:
+                reason = f"its header names batch {summary.header.batch_id!r}"
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            reason = f"unreadable: {error}"
+        if reason is not None:
+            self._quarantine(batch_id, reason)
+            return None
+        self._digests[batch_id] = summary.header.payload_sha256
+        return len(summary.labels)
+
+    def _quarantine(self, batch_id: str, reason: str) -> None:
+        """Move a bad batch file aside (kept for inspection) and say why, in the store and to the caller."""
+        self.quarantine_dir.mkdir(exist_ok=True)
+        target = self.quarantine_dir / f"{batch_id}.npz"
+        suffix = 1
+        while target.exists():  # an earlier quarantine of the same id keeps its file too
+            target = self.quarantine_dir / f"{batch_id}.{suffix}.npz"
+            suffix += 1
+        os.replace(self.path(batch_id), target)
+        line = json.dumps({"batch_id": batch_id, "file": target.name, "reason": reason, "at": round(time.time(), 3)})
+        with open(self.quarantine_dir / "reasons.jsonl", "ab") as f:
+            f.write(line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(self.batch_dir)
+        self.quarantined.append((batch_id, reason))
 
     def _read_index(self) -> tuple[list[tuple[str, int, int]], bool]:
         """(batch id, image count, position) lines up to the first unreadable one; whether all of it was readable."""
@@ -343,23 +440,60 @@ class FreshFirstSampler:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain JSON-able state: where fresh sampling stands, and the RNG."""
+        """Plain JSON-able state: where fresh sampling stands (as a store position too), and the RNG."""
         ids = self.store.batch_ids()
+        fresh = self.store.position(ids[self._cursor]) if self._cursor < len(ids) else self.store.next_position
         return {"cursor": self._cursor, "offset": self._offset,
-                "last_fresh": ids[self._cursor - 1] if self._cursor else None,
+                "last_fresh": ids[self._cursor - 1] if self._cursor else None, "fresh_position": fresh,
                 "rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         cursor, offset = int(state["cursor"]), int(state["offset"])
         ids = self.store.batch_ids()
+        last = state.get("last_fresh")
+        if "fresh_position" in state:
+            # By position, not index: batches quarantined since the state was saved shift indices, not positions.
+            fresh = int(state["fresh_position"])
+            positions = [self.store.position(batch_id) for batch_id in ids]
+            cursor = sum(p < fresh for p in positions)
+            if cursor == len(ids) or positions[cursor] != fresh:
+                offset = 0  # the batch being read was moved aside: carry on with the next one
+            known = last is None or last in self.store or last in self.store.quarantined_ids()
+        else:  # a state saved before positions were recorded
+            if cursor and last in self.store:
+                cursor = ids.index(last) + 1
+            known = cursor <= len(ids) and (not cursor or ids[cursor - 1] == last)
         # The state is only meaningful against the store it was taken from: refuse a different one.
-        if cursor > len(ids) or (cursor and ids[cursor - 1] != state.get("last_fresh")):
-            raise ValueError(f"sampler state (cursor {cursor}, last fresh batch {state.get('last_fresh')!r}) does "
-                             f"not match the store at {self.store.root} ({len(ids)} batches)")
+        if not known:
+            raise ValueError(f"sampler state (cursor {state['cursor']}, last fresh batch {state.get('last_fresh')!r})"
+                             f" does not match the store at {self.store.root} ({len(ids)} batches)")
         if offset and (cursor == len(ids) or offset >= self.store.image_count(ids[cursor])):
             raise ValueError(f"sampler state offset {offset} is out of range for batch {cursor} of the store")
         self._rng.bit_generator.state = state["rng"]
         self._cursor, self._offset = cursor, offset
+
+
+class BatchSummary(NamedTuple):
+    """A stored batch without its image data: enough to check it against a contract."""
+
+    header: BatchHeader
+    images_shape: tuple[int, ...]
+    images_dtype: np.dtype
+    labels: np.ndarray
+    logits: np.ndarray | None
+
+
+def inspect_batch(path: Path | str) -> BatchSummary:
+    """Header, labels and logits of a stored npz, and its images' shape and dtype read from the .npy header only."""
+    with np.load(path, allow_pickle=False) as z:
+        header = BatchHeader.model_validate_json(z["meta"].item())
+        labels = z["labels"]
+        logits = z["teacher_logits"] if "teacher_logits" in z.files else None
+    with zipfile.ZipFile(path) as archive, archive.open("images.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    return BatchSummary(header, shape, dtype, labels, logits)
 
 
 def read_batch(path: Path | str) -> StoredBatch:

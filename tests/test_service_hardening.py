@@ -1,0 +1,229 @@
+"""`dfkd serve` against hostile or careless HTTP clients, over a real socket: body limits that answer before parsing,
+bounded error bodies, a responsive /healthz, production settings that can never run, an idle worker that sleeps,
+the token on every route, and job results within a byte budget."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+
+from synth_service.app import create_app
+from synth_service.threaded_server import LiveServer, free_port
+from test_service_http import settings_for
+
+TOKEN = "hardening-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MB = 1 << 20
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc status")
+
+
+@contextmanager
+def serve(card_path, tmp_path, **env_settings: str):
+    """`dfkd serve --config digits` in its own process, with the token set, until it answers /readyz."""
+    port = free_port()
+    env = os.environ | {"DFKD_SERVICE__AUTH_TOKEN": TOKEN, "DFKD_SERVICE__ACCESS_LOG": "false"} | env_settings
+    proc = subprocess.Popen([sys.executable, "-m", "dfkd", "serve", "--config", "digits", "--teacher", str(card_path),
+                             "--port", str(port), "--device", "cpu"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/readyz", headers=AUTH, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "dfkd serve did not become ready"
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def card_path(digits_teacher, teacher_dir):
+    return teacher_dir / "digits_cnn.json"
+
+
+def long_list_body(nbytes: int) -> bytes:
+    """A JSON request whose class_ids list alone is about `nbytes` long."""
+    return b'{"class_ids": [' + b"1, " * (nbytes // 3) + b'1], "per_class": 1}'
+
+
+def test_oversized_bodies_get_413_at_once_and_healthz_stays_responsive(card_path, tmp_path):
+    with serve(card_path, tmp_path) as (url, _):
+        headers = AUTH | {"content-type": "application/json"}
+        big = long_list_body(20 * MB)
+        started = time.monotonic()
+        res = httpx.post(f"{url}/v1/images", content=big, headers=headers, timeout=30)
+        took = time.monotonic() - started
+        print(f"a {len(big) / MB:.0f} MB body got {res.status_code} in {took * 1000:.0f} ms")
+        assert res.status_code == 413 and took < 1.0
+        assert "limit is 1048576 bytes" in res.json()["detail"] and len(res.content) < 1000
+
+        # Chunked, with no Content-Length to check up front: counted as it arrives.
+        chunked = httpx.post(f"{url}/v1/images", content=iter([big[i:i + MB] for i in range(0, len(big), MB)]),
+                             headers=headers, timeout=30)
+        assert chunked.status_code == 413
+
+        # Just under the limit: parsed, refused with a bounded error that does not echo the list back.
+        near = long_list_body(MB - 1000)
+        res = httpx.post(f"{url}/v1/images", content=near, headers=headers, timeout=30)
+        assert res.status_code == 422 and len(res.content) < 2000, res.text[:300]
+        assert "not echoed" in res.text
+
+        latencies: list[float] = []
+        stop = threading.Event()
+
+        def flood() -> None:
+            with httpx.Client(timeout=30) as client:
+                while not stop.is_set():
+                    for body in (big, near):
+                        client.post(f"{url}/v1/images", content=body, headers=headers)
+
+        senders = [threading.Thread(target=flood) for _ in range(2)]
+        for sender in senders:
+            sender.start()
+        try:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for sender in senders:
+                sender.join()
+        print(f"/healthz under the flood: {len(latencies)} probes, slowest {max(latencies) * 1000:.0f} ms")
+        assert max(latencies) < 0.5
+
+
+def test_production_that_can_never_fill_a_batch_is_refused_and_the_worker_sleeps(card_path, tmp_path, redis_server):
+    with serve(card_path, tmp_path, DFKD_STREAM__REDIS_URL=redis_server.url, DFKD_STREAM__RUN="idle",
+               DFKD_SERVICE__MAX_BATCH="16") as (url, proc):
+        res = httpx.put(f"{url}/v1/production", json={"enabled": True, "per_class": 17}, headers=AUTH)
+        assert res.status_code == 422, res.text
+        assert "per_class 17 is larger than an engine batch (16 images)" in res.text
+        status = httpx.get(f"{url}/v1/production", headers=AUTH).json()
+        assert not status["enabled"] and status["per_class"] == 8
+        time.sleep(1.0)
+        before = cpu_seconds(proc.pid)
+        time.sleep(10.0)
+        idle_cpu = cpu_seconds(proc.pid) - before
+        print(f"service CPU over 10 idle seconds: {idle_cpu:.3f} s")
+        assert idle_cpu < 0.2
+
+
+def test_every_route_but_healthz_needs_the_token(digits_settings, digits_teacher):
+    """Over the app's whole route table, so a route added later cannot slip through; then what opens on purpose."""
+    docs = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    for opens in (set(), docs | {"/metrics"}):
+        settings = settings_for(digits_settings, auth_token=TOKEN, docs_open=bool(opens), metrics_auth=not opens)
+        app = create_app(settings, teacher=digits_teacher)
+        with LiveServer(app) as live:
+            checked = 0
+            for route in app.routes:
+                path = route.path.replace("{job_id}", "0123abcd")
+                for method in sorted(route.methods):
+                    res = httpx.request(method, f"{live.url}{path}", json={} if method in ("POST", "PUT") else None)
+                    expected = 200 if path in {"/healthz"} | opens else 401
+                    assert res.status_code == expected, (method, path, res.status_code)
+                    checked += 1
+            assert checked >= 15 and sum(isinstance(r, APIRoute) for r in app.routes) >= 12
+            # Unknown paths do not tell whether they exist; the token opens everything.
+            assert httpx.get(f"{live.url}/no/such/route").status_code == 401
+            assert httpx.get(f"{live.url}/readyz", headers=AUTH).status_code == 200
+            assert httpx.get(f"{live.url}/openapi.json", headers=AUTH).status_code == 200
+
+
+def test_job_results_stay_within_their_byte_budget(card_path, tmp_path):
+    """20 jobs, each fetched (its zip kept for later fetches): beyond the budget the oldest are evicted (410)."""
+    jobs, images_per_job, budget = 20, 1500, MB
+    with serve(card_path, tmp_path, DFKD_SERVICE__MAX_BATCH="250", DFKD_SERVICE__JOB_RETENTION_BYTES=str(budget),
+               DFKD_SERVICE__MAX_QUEUE_IMAGES="4000") as (url, proc):
+        body = {"class_ids": list(range(10)), "per_class": images_per_job // 10, "iterations": 1, "format": "zip"}
+        ids, memory = [], []
+        for i in range(jobs):
+            res = httpx.post(f"{url}/v1/jobs", json=body, headers=AUTH)
+            assert res.status_code == 202, res.text
+            ids.append(res.json()["job_id"])
+            deadline = time.monotonic() + 120
+            while httpx.get(f"{url}/v1/jobs/{ids[-1]}", headers=AUTH).json()["state"] != "done":
+                assert time.monotonic() < deadline, "job did not finish"
+                time.sleep(0.05)
+            result = httpx.get(f"{url}/v1/jobs/{ids[-1]}/result", headers=AUTH, timeout=60)
+            assert result.status_code == 200 and result.content[:2] == b"PK"
+            memory.append(rss(proc.pid))
+        statuses = [httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH) for job_id in ids]
+        codes = [s.status_code for s in statuses]
+        assert codes[-1] == 200 and set(codes[:-2]) == {410}, codes
+        assert "service.job_retention_bytes" in statuses[0].json()["detail"]
+        # Mean of the last five against five after warm-up: the allocator's own swings are about +-15 MB.
+        growth = (sum(memory[-5:]) - sum(memory[3:8])) / 5
+        print(f"service RSS after each job (MB): {[round(m / MB) for m in memory]}; growth from jobs 4-8 to "
+              f"16-20: {growth / MB:.1f} MB")
+        assert growth < 10 * MB
+
+        too_big = httpx.post(f"{url}/v1/jobs", json=body | {"per_class": 400}, headers=AUTH)
+        assert too_big.status_code == 422 and f"over the {budget}-byte job budget" in too_big.text
+
+
+def thread_cpu_seconds(native_id: int) -> float:
+    fields = open(f"/proc/self/task/{native_id}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_engine_worker_blocks_when_production_deals_nothing(digits_settings, digits_teacher, redis_server):
+    """Whatever production deals (here a group that cannot fit, set behind the API's back), the worker sleeps."""
+    from synth_service.batcher import Batcher
+    from synth_service.engine import InversionEngine
+    from synth_service.metrics import SynthMetrics
+    from synth_service.production import ProductionController
+
+    stream = digits_settings.stream.model_copy(update={"redis_url": redis_server.url, "run": "spin"})
+    settings = digits_settings.model_copy(update={"stream": stream})
+    metrics = SynthMetrics()
+    production = ProductionController(settings, digits_teacher.card, metrics)
+    with InversionEngine(digits_teacher, settings.synth) as engine:
+        batcher = Batcher(engine, metrics, 16, 0.1, 64, fill=production.fill_source())
+        production.start()
+        batcher.start()
+        try:
+            production.enabled, production.per_class = True, 17
+            deadline = time.monotonic() + 10
+            while not production.active():
+                assert time.monotonic() < deadline, production.paused_reason()
+                time.sleep(0.1)
+            batcher.wake()
+            worker = batcher._thread.native_id
+            before = thread_cpu_seconds(worker)
+            time.sleep(3.0)
+            spent = thread_cpu_seconds(worker) - before
+        finally:
+            batcher.stop()
+            production.stop()
+    print(f"engine worker CPU over 3 s with nothing dealt: {spent:.3f} s")
+    assert spent < 0.1 and batcher.batches_run == 0
