@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train": type(base.train).model_validate(base.train.model_dump() | (
                 {"steps": args.steps} if args.steps else {}))})
         torch.manual_seed(0)
-        trainer = DearKDTrainer(s.student, s.dearkd, s.train, teacher.model)
+        trainer = DearKDTrainer(s.student.for_teacher(card), s.dearkd, s.train, teacher.model)
         batches = ImagePool(pool.images, pool.labels, card.mean, card.std, s.train.batch_size, s.train.crop_padding)
         t0 = time.perf_counter()
         for _ in range(s.train.steps):

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     teacher = resolve_teacher(args.teacher)
     batch = args.batch or s.train.batch_size
-    cfg = s.student
+    cfg = s.student.for_teacher(teacher.card)
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
 

@@ -161,14 +161,16 @@ class ServiceConfig(BaseModel):
 
 
 class StudentConfig(BaseModel):
-    """A timm DeiT/ViT with a distillation token; the first `mhca_blocks` blocks use MHCA (DESIGN §4)."""
+    """A timm DeiT/ViT with a distillation token; the first `mhca_blocks` blocks use MHCA (DESIGN §4).
+
+    Input size, channels and classes come from the teacher card unless set; set ones must match the teacher."""
 
     model_config = {"extra": "forbid"}
 
-    img_size: int = Field(16, ge=4, le=1024)
+    img_size: int | None = Field(None, ge=4, le=1024, description="None: the teacher's image size")
     patch_size: int = Field(2, ge=1, le=64)
-    in_chans: int = Field(1, ge=1, le=4)
-    num_classes: int = Field(10, ge=2)
+    in_chans: int | None = Field(None, ge=1, le=4, description="None: the teacher's channels")
+    num_classes: int | None = Field(None, ge=2, description="None: the teacher's class count")
     embed_dim: int = Field(96, ge=8, le=4096)
     depth: int = Field(6, ge=1, le=48)
     num_heads: int = Field(4, ge=1, le=64)
@@ -179,13 +181,28 @@ class StudentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "StudentConfig":
-        if self.img_size % self.patch_size:
+        if self.img_size is not None and self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.mhca_blocks > self.depth:
             raise ValueError(f"mhca_blocks {self.mhca_blocks} > depth {self.depth}")
         return self
+
+    def for_teacher(self, card) -> "StudentConfig":
+        """This config with the teacher card's (a TeacherCard) size, channels and classes filled in; a value set
+        in the config that disagrees with the teacher is an error, since the student trains on its images."""
+        teacher = {"img_size": card.image_size, "in_chans": card.in_chans, "num_classes": card.num_classes}
+        for key, value in teacher.items():
+            given = getattr(self, key)
+            if given is not None and given != value:
+                raise ValueError(f"student.{key} is {given} but the teacher {card.name!r} has {value}; leave "
+                                 f"student.{key} unset to take it from the teacher")
+        return type(self).model_validate(self.model_dump() | teacher)
+
+    @property
+    def resolved(self) -> bool:
+        return None not in (self.img_size, self.in_chans, self.num_classes)
 
 
 class DearKDConfig(BaseModel):

@@ -324,15 +324,41 @@ def test_tools_service_writes_the_volumes_and_stays_out_of_up(compose, config):
     assert mounts["/real"]["source"] == "real-data"
 
 
-def test_torchrun_override_runs_the_trainer_on_several_gpus(compose, tmp_path):
+def render_with_override(compose, tmp_path: Path, override: str, **variables: str) -> dict[str, dict]:
+    """The services of the main file with docker/`override` merged on top, as Compose renders them."""
     # compose(file) renders one file; the override is merged onto the main file through a small wrapper.
     merged = tmp_path / "docker-compose.yml"
-    override = COMPOSE_FILE.parent / "docker" / "compose.torchrun.yml"
-    merged.write_text(f"include:\n  - path: [{COMPOSE_FILE}, {override}]\n")
-    result = compose(merged, "--format", "json", variables={"REDIS_PASSWORD": PASSWORD, "TRAINER_GPUS": "4"})
+    merged.write_text(f"include:\n  - path: [{COMPOSE_FILE}, {COMPOSE_FILE.parent / 'docker' / override}]\n")
+    result = compose(merged, "--format", "json", variables={"REDIS_PASSWORD": PASSWORD, **variables})
     assert result.returncode == 0, result.stderr
-    trainer = json.loads(result.stdout)["services"]["trainer"]
+    return json.loads(result.stdout)["services"]
+
+
+def test_torchrun_override_runs_the_trainer_on_several_gpus(compose, tmp_path):
+    trainer = render_with_override(compose, tmp_path, "compose.torchrun.yml", TRAINER_GPUS="4")["trainer"]
     assert trainer["entrypoint"][:3] == ["torchrun", "--standalone", "--nproc_per_node=4"]
     assert trainer["command"][0] == "train"
     [gpu] = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["count"] == 4
+
+
+def test_cpu_override_runs_the_digits_stack_on_the_host_network(compose, tmp_path):
+    services = render_with_override(compose, tmp_path, "compose.cpu.yml", SYNTH_PORT="18000")
+    assert set(services) == {"redis", "teacher", "synth", "trainer", "prometheus", "grafana"}
+    for name, service in services.items():
+        # Host networking only: no bridge, no published ports, and no GPU asked for.
+        assert service["network_mode"] == "host" and not service.get("ports"), name
+        assert "deploy" not in service or not service["deploy"].get("resources"), name
+    synth, trainer = services["synth"], services["trainer"]
+    assert synth["command"] == ["serve", "--config=digits", "--host=127.0.0.1", "--port=18000"]
+    assert "http://127.0.0.1:18000/readyz" in " ".join(synth["healthcheck"]["test"])
+    assert synth["depends_on"]["teacher"]["condition"] == "service_completed_successfully"
+    for service in (synth, trainer):
+        assert service["environment"]["DFKD_DEVICE"] == "cpu"
+        assert service["environment"]["DFKD_STREAM__REDIS_URL"] == f"redis://:{PASSWORD}@127.0.0.1:6379/0"
+    assert trainer["command"] == ["train", "--config=digits", "--metrics-port=9101"]
+    assert "dfkd teacher train --config=digits" in services["teacher"]["command"][0]
+    assert "--web.listen-address=127.0.0.1:9090" in services["prometheus"]["command"]
+    assert services["grafana"]["environment"]["DFKD_PROMETHEUS_URL"] == "http://127.0.0.1:9090"
+    scrape = yaml.safe_load((REPO / "docker" / "prometheus.cpu.yml").read_text())["scrape_configs"]
+    assert {job["static_configs"][0]["targets"][0] for job in scrape} == {"127.0.0.1:8000", "127.0.0.1:9101"}

