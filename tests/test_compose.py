@@ -358,6 +358,7 @@ def test_cpu_override_runs_the_digits_stack_on_the_host_network(compose, tmp_pat
     assert synth["depends_on"]["teacher"]["condition"] == "service_completed_successfully"
     for service in (synth, trainer):
         assert service["environment"]["DFKD_DEVICE"] == "cpu"
+        assert service["environment"]["OMP_NUM_THREADS"] == "1"  # two processes share the cores
         assert service["environment"]["DFKD_STREAM__REDIS_URL"] == f"redis://:{PASSWORD}@127.0.0.1:6379/0"
     assert trainer["command"] == ["train", "--config=digits", "--metrics-port=9101"]
     assert "dfkd teacher train --config=digits" in services["teacher"]["command"][0]
