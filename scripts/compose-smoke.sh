@@ -137,7 +137,13 @@ if [[ -n "$marked" ]]; then
     "$venv/bin/python" -m pip download -q --no-deps -d docker/wheels $marked >>"$work/wheels.log" 2>&1 \
         || { tail -20 "$work/wheels.log"; fail "pip download failed"; }
 fi
-wheel_port="$(free_port)"
+# A fixed port when it is free: the wheelhouse URL is a build argument, so a new one would rebuild the pip layers.
+wheel_port="${DFKD_WHEELHOUSE_PORT:-38641}"
+if ! "$venv/bin/python" -c "import socket, sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1])))" "$wheel_port" \
+        2>/dev/null; then
+    wheel_port="$(free_port)"
+    log "port ${DFKD_WHEELHOUSE_PORT:-38641} is taken: serving the wheelhouse on $wheel_port (the pip layers rebuild)"
+fi
 "$venv/bin/python" -m http.server --bind 127.0.0.1 --directory docker/wheels "$wheel_port" >/dev/null 2>&1 &
 wheel_server_pid=$!
 export DFKD_WHEELHOUSE="http://127.0.0.1:$wheel_port/"
