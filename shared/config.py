@@ -99,7 +99,7 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class StreamConfig(BaseModel):
-    """The Redis stream between the synthesis service and the trainers (DESIGN §5)."""
+    """The Redis stream between the synthesis service and the trainers (docs/architecture.md §5)."""
 
     model_config = {"extra": "forbid"}
 
@@ -132,7 +132,7 @@ class StreamConfig(BaseModel):
 
 
 class ServiceConfig(BaseModel):
-    """The HTTP synthesis service: batching, limits, auth (DESIGN §6)."""
+    """The HTTP synthesis service: batching, limits, auth (docs/architecture.md §6)."""
 
     model_config = {"extra": "forbid"}
 
@@ -161,7 +161,7 @@ class ServiceConfig(BaseModel):
 
 
 class StudentConfig(BaseModel):
-    """A timm DeiT/ViT with a distillation token; the first `mhca_blocks` blocks use MHCA (DESIGN §4).
+    """A timm DeiT/ViT with a distillation token; the first `mhca_blocks` blocks use MHCA (docs/architecture.md §4).
 
     Input size, channels and classes come from the teacher card unless set; set ones must match the teacher."""
 
@@ -206,7 +206,7 @@ class StudentConfig(BaseModel):
 
 
 class DearKDConfig(BaseModel):
-    """Two-stage DearKD losses (DESIGN §4)."""
+    """Two-stage DearKD losses (docs/architecture.md §4)."""
 
     model_config = {"extra": "forbid"}
 
@@ -223,7 +223,7 @@ class DearKDConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    """The student's training run: optimisation, data mix, checkpoints (DESIGN §4-§5)."""
+    """The student's training run: optimisation, data mix, checkpoints (docs/architecture.md §4-§5)."""
 
     model_config = {"extra": "forbid"}
 

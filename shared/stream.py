@@ -1,8 +1,9 @@
-"""Producer side of the batch stream (DESIGN §5): backpressure from the consumer group, exactly-once publish, retries.
+"""Producer side of the batch stream: backpressure from the consumer group, exactly-once publish, retries.
 
 Backpressure counts stream entries the trainers have not acknowledged yet (never read + read but not acked). MAXLEN
 is only a safety cap (maxlen_safety >= 4x max_backlog): producers that honour `has_capacity()` never let trimming
 reach unread data.
+See docs/architecture.md §5.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
-"""The versioned wire format of a synthetic batch on the stream (DESIGN §5): a JSON header + raw bytes. Never pickle.
+"""The versioned wire format of a synthetic batch on the stream: a JSON header + raw bytes. Never pickle.
 
 An entry is the field map {b"header": JSON, b"payload": bytes}. The payload is the uint8 NCHW image bytes followed,
 when present, by the teacher's float16 logits (little-endian, [N, K]). A batch larger than the entry cap is split
 into chunks; every chunk carries the whole batch header plus its own chunk_index/chunk_count, so any single entry
 can be inspected on its own and a reader can tell exactly which chunks are missing.
+See docs/architecture.md §5.
 """
 from __future__ import annotations
 

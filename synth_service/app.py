@@ -1,4 +1,7 @@
-"""FastAPI app factory: the engine, batcher, jobs and stream production behind one HTTP API (DESIGN §6)."""
+"""FastAPI app factory: the engine, batcher, jobs and stream production behind one HTTP API.
+
+See docs/architecture.md §6.
+"""
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,7 @@
-"""InversionEngine: DeepInversion + Adaptive-DI + BPID on a frozen teacher (DESIGN §3). Pure torch, no web code."""
+"""InversionEngine: DeepInversion + Adaptive-DI + BPID on a frozen teacher. Pure torch, no web code.
+
+See docs/architecture.md §3.
+"""
 from __future__ import annotations
 
 import math

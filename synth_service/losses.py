@@ -1,4 +1,4 @@
-"""Inversion loss terms (DESIGN §3). All take and return fp32 tensors; none syncs with the host."""
+"""Inversion loss terms (docs/architecture.md §3). All take and return fp32 tensors; none syncs with the host."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the synthesis service (DESIGN §7): one prefix, base units, no class-id labels."""
+"""Prometheus metrics of the synthesis service (docs/architecture.md §7): one prefix, base units, no class-id labels."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram

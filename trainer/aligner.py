@@ -1,10 +1,11 @@
-"""Early-feature distillation (DESIGN §4): teacher stage maps, student token grids, and the aligners between them.
+"""Early-feature distillation: teacher stage maps, student token grids, and the aligners between them.
 
 Teacher stages are 1-based:
 - project CNNs (`PooledClassifier`): stage s is the output of `teacher.stages[s - 1]`;
 - timm CNNs: stage s is the s-th `feature_info` level at reduction >= 4, i.e. the stem level (stride 2:
   ResNet `act1`, RegNet `stem`, EfficientNet `blocks.0`) is skipped, so that stage 1 is the stride-4 level
-  (ResNet `layer1`, RegNet `s1`, ConvNeXt `stages.0`) as in methods §1.3.
+  (ResNet `layer1`, RegNet `s1`, ConvNeXt `stages.0`).
+See docs/architecture.md §4.
 """
 from __future__ import annotations
 

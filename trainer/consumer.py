@@ -1,4 +1,4 @@
-"""Trainer side of the batch stream (DESIGN §5): read, validate, store durably, then acknowledge and delete.
+"""Trainer side of the batch stream: read, validate, store durably, then acknowledge and delete.
 
 At-least-once delivery + an idempotent store = every batch stored exactly once:
   - the store write (fsync, atomic rename) happens before XACK, so a crash in between re-delivers a batch that
@@ -23,6 +23,7 @@ Redis 6.2 vs 7.x, as this module relies on them (checked against 6.2.14 and 7.0.
     lists an entry deleted while pending as (id, {}) on both.
   - XCLAIM/XAUTOCLAIM increment the delivery count unless JUSTID; XCLAIM ignores ids that were never delivered.
   - XAUTOCLAIM and exclusive "(id" ranges exist from 6.2 on: 6.2 is the oldest server supported.
+See docs/architecture.md §5.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""DearKD losses (DESIGN §4): stage 1 distils logits and early features; stage 2 trains on labels alone."""
+"""DearKD losses: stage 1 distils logits and early features; stage 2 trains on labels alone.
+
+See docs/architecture.md §4.
+"""
 from __future__ import annotations
 
 import torch

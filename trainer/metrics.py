@@ -1,4 +1,4 @@
-"""Prometheus metrics of the trainer (DESIGN §7), served on `train.metrics_port` when set."""
+"""Prometheus metrics of the trainer (docs/architecture.md §7), served on `train.metrics_port` when set."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server

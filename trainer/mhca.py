@@ -1,4 +1,4 @@
-"""MHCA: multi-head self-attention plus a learnable per-head locality bias (DESIGN §4, methods §1.2).
+"""MHCA: multi-head self-attention plus a learnable per-head locality bias (docs/architecture.md §4).
 
     logits_h(q, k) = (q·k)/sqrt(d_h) + b_h(q, k)
     b_h(q, k)      = -softplus(alpha_h) * ||delta(q, k) - Delta_h||^2   for two patch tokens

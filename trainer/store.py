@@ -1,4 +1,4 @@
-"""The trainer's durable, append-only store of synthetic batches (DESIGN §5): one npz per batch, readable without us.
+"""The trainer's durable, append-only store of synthetic batches: one npz per batch, readable without us.
 
 Layout under `root`:
   batches/{batch_id}.npz  arrays `images` (uint8 NCHW), `labels` (int64), optional `teacher_logits` (float16 [N, K]),
@@ -12,6 +12,7 @@ Layout under `root`:
 Writes are crash-safe: temp file in the same directory, fsync, atomic rename, fsync of the directory. A SIGKILL at
 any point leaves either the whole batch or nothing (plus a temp file that the next open removes).
 One writing process per store; any number of readers.
+See docs/architecture.md §5.
 """
 from __future__ import annotations
 

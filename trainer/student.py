@@ -1,4 +1,4 @@
-"""The DearKD student: a timm DeiT with a distillation token whose first K blocks use MHCA (DESIGN §4)."""
+"""The DearKD student: a timm DeiT with a distillation token whose first K blocks use MHCA (docs/architecture.md §4)."""
 from __future__ import annotations
 
 import torch
