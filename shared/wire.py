@@ -248,9 +248,10 @@ class BatchCodec:
         indices = sorted(h.chunk_index for h in headers)
         if indices != list(range(len(headers))) or len(headers) != first.chunk_count:
             # Sized by what was received, never by the claimed chunk_count.
+            received = set(indices)
             duplicated = sorted({i for i in indices if indices.count(i) > 1})
-            missing = [i for i in range(min(first.chunk_count, len(headers) + 10)) if i not in set(indices)]
+            missing = [i for i in range(min(first.chunk_count, len(headers) + 10)) if i not in received]
             raise WireFormatError(f"batch {first.batch_id!r}: chunks incomplete or repeated for chunk_count "
                                   f"{first.chunk_count}: {len(headers)} received, missing {missing[:10]}"
-                                  f"{'...' if first.chunk_count - len(set(indices)) > 10 else ''}, "
+                                  f"{'...' if first.chunk_count - len(received) > 10 else ''}, "
                                   f"duplicated {duplicated[:10]}")

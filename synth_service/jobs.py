@@ -67,7 +67,7 @@ class Job:
     def held_bytes(self) -> int:
         """Memory this job holds, or will hold: results (raw, or encoded once fetched)."""
         if not self.finished:
-            return max(self.projected_bytes, sum(map(result_bytes, self.results)))
+            return self.projected_bytes  # results are gathered only when the job is done
         return len(self.encoded) if self.encoded is not None else sum(map(result_bytes, self.results))
 
     @property

@@ -23,9 +23,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MB = 1 << 20
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from /proc/<pid>/stat."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+def cpu_seconds(stat_path: str) -> float:
+    """User + system CPU time so far of a process (/proc/<pid>/stat) or a thread (/proc/self/task/<tid>/stat)."""
+    fields = open(stat_path).read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -130,9 +130,9 @@ def test_production_that_can_never_fill_a_batch_is_refused_and_the_worker_sleeps
         status = httpx.get(f"{url}/v1/production", headers=AUTH).json()
         assert not status["enabled"] and status["per_class"] == 8
         time.sleep(1.0)
-        before = cpu_seconds(proc.pid)
+        before = cpu_seconds(f"/proc/{proc.pid}/stat")
         time.sleep(10.0)
-        idle_cpu = cpu_seconds(proc.pid) - before
+        idle_cpu = cpu_seconds(f"/proc/{proc.pid}/stat") - before
         print(f"service CPU over 10 idle seconds: {idle_cpu:.3f} s")
         assert idle_cpu < 0.2
 
@@ -191,11 +191,6 @@ def test_job_results_stay_within_their_byte_budget(card_path, tmp_path):
         assert too_big.status_code == 422 and f"over the {budget}-byte job budget" in too_big.text
 
 
-def thread_cpu_seconds(native_id: int) -> float:
-    fields = open(f"/proc/self/task/{native_id}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_the_engine_worker_blocks_when_production_deals_nothing(digits_settings, digits_teacher, redis_server):
     """Whatever production deals (here a group that cannot fit, set behind the API's back), the worker sleeps."""
     from synth_service.batcher import Batcher
@@ -218,10 +213,10 @@ def test_the_engine_worker_blocks_when_production_deals_nothing(digits_settings,
                 assert time.monotonic() < deadline, production.paused_reason()
                 time.sleep(0.1)
             batcher.wake()
-            worker = batcher._thread.native_id
-            before = thread_cpu_seconds(worker)
+            worker = f"/proc/self/task/{batcher._thread.native_id}/stat"
+            before = cpu_seconds(worker)
             time.sleep(3.0)
-            spent = thread_cpu_seconds(worker) - before
+            spent = cpu_seconds(worker) - before
         finally:
             batcher.stop()
             production.stop()
