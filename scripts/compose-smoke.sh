@@ -54,17 +54,22 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+log "work dir $work"
+
+install_packages() {  # Debian packages, when missing (needs root)
+    log "installing $* (Debian packages)"
+    # A fresh machine may have no package lists yet: refresh them only when the install needs it.
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" \
+        || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; }; } \
+        >"$work/apt.log" 2>&1 || { tail -20 "$work/apt.log"; fail "could not install $* (root and apt are needed)"; }
+}
 
 # ---- engine --------------------------------------------------------------------------------------------------
 export DOCKER_CONFIG="${DOCKER_CONFIG:-$venv/docker-config}"  # the Compose v2 plugin that ./dev installs
 if docker info >/dev/null 2>&1; then
     log "using the running Docker engine"
 else
-    if ! command -v dockerd >/dev/null; then
-        log "installing docker.io and debootstrap (Debian packages)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io debootstrap >"$work/apt.log" 2>&1 \
-            || { cat "$work/apt.log"; fail "could not install docker.io (root and Debian's apt are needed)"; }
-    fi
+    command -v dockerd >/dev/null || install_packages docker.io
     mkdir -p "$cache/data"
     dockerd --data-root "$cache/data" --exec-root "$work/exec" --pidfile "$work/dockerd.pid" \
         -H "unix://$work/docker.sock" --containerd-namespace dfkd-smoke --containerd-plugins-namespace dfkd-smoke-p \
@@ -102,6 +107,7 @@ sys.exit(f"services not on the host network: {bad}" if bad else 0)' || fail "ref
 
 # ---- images --------------------------------------------------------------------------------------------------
 if ! docker image inspect "$base_image" >/dev/null 2>&1; then
+    command -v debootstrap >/dev/null || install_packages debootstrap
     mirror="$(grep -hm1 -oP '^URIs:\s*\K\S+|^deb\s+\K(http\S+)(?=\s+bookworm\s)' \
         /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -1 || true)"
     log "building $base_image: debootstrap from ${mirror:-deb.debian.org}"
