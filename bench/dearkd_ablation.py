@@ -2,7 +2,7 @@
 DeiT-style logit distillation into the same ViT. Each variant trains the same student on the same synthetic pool; the last line
 printed is one JSON object with the held-out real top-1 of each.
 
-    python bench/dearkd_ablation.py --teacher runs/teachers/digits_cnn.json --per-class 50
+    python bench/dearkd_ablation.py --per-class 50      # the digits teacher by default (trained on first use)
 """
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in-memory image pool the tests use too
 
+from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.data.digits import load_digits_split  # noqa: E402
-from shared.teacher import load_teacher  # noqa: E402
 from synth_service.engine import InversionEngine  # noqa: E402
+from image_pool import ImagePool  # noqa: E402
 from trainer.engine import DearKDTrainer  # noqa: E402
-from trainer.pool import ImagePool  # noqa: E402
 
 VARIANTS = {
     "dearkd": {},
@@ -37,13 +38,13 @@ VARIANTS = {
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default="runs/teachers/digits_cnn.json")
+    p.add_argument("--teacher", help=TEACHER_HELP)
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--steps", type=int)
     p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args(argv)
     base = Settings.load("digits")
-    teacher = load_teacher(Path(args.teacher))
+    teacher = bench_teacher(args.teacher)
     card = teacher.card
     started = time.perf_counter()
     with InversionEngine(teacher, base.synth) as engine:

@@ -3,7 +3,7 @@
 Runs the real service (uvicorn on a loopback port) with the given teacher and reports latencies, engine batches
 and batch fill. The last line printed is one JSON object.
 
-    python bench/http_coalescing.py --teacher runs/teachers/digits_cnn.json --iterations 50
+    python bench/http_coalescing.py --iterations 50     # the digits teacher by default (trained on first use)
 """
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the live-server helper the tests use too
 
+from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from shared.config import Settings, resolve_device  # noqa: E402
-from shared.teacher import resolve_teacher  # noqa: E402
 from synth_service.app import create_app  # noqa: E402
-from synth_service.threaded_server import LiveServer  # noqa: E402
+from live_server import LiveServer  # noqa: E402
 
 
 def batches_run(url: str) -> float:
@@ -52,7 +53,7 @@ async def scenario(url: str, bodies: list[dict]) -> tuple[float, list[float]]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default="runs/teachers/digits_cnn.json", help="teacher card (JSON) or model name")
+    p.add_argument("--teacher", help=TEACHER_HELP)
     p.add_argument("--config", default="digits", help="preset or YAML for the synthesis settings")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--per-request", type=int, default=4)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
                              synth={"batch_size": batch, "iterations": args.iterations},
                              service={"max_batch": batch, "sync_max_images": batch, "max_queue_images": 4 * batch,
                                       "max_wait_ms": args.max_wait_ms, "max_iterations": args.iterations})
-    teacher = resolve_teacher(args.teacher)
+    teacher = bench_teacher(args.teacher)
     k = teacher.card.num_classes
     full = [{"class_ids": list(range(k)) * (batch // k) + list(range(batch % k)), "per_class": 1, "seed": 0}]
     small = [{"class_ids": [(i + j) % k for j in range(args.per_request)], "per_class": 1, "seed": i}

@@ -1,12 +1,14 @@
-"""Trainer throughput: DearKD stage-1 and stage-2 images/s against a bare timm training loop (same student size,
-no MHCA, plain CE and AdamW) at the same batch. Synthetic random inputs, so only compute is measured.
-The last line printed is one JSON object.
+"""Trainer throughput: DearKD stage-1 and stage-2 steps in fp32 and under bf16 autocast, against a bare timm training
+loop (same student size, no MHCA, plain CE and AdamW) at the same batch; and the cost of reading the losses to the
+host every step (as the trainer once did) against every `log_every` steps. Synthetic random inputs, so only compute
+is measured. The last line printed is one JSON object.
 
-    python bench/trainer_throughput.py --teacher runs/teachers/digits_cnn.json --config digits --steps 30
+    python bench/trainer_throughput.py --config digits --steps 30      # the digits teacher by default
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -17,11 +19,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from shared.config import Settings, resolve_device  # noqa: E402
-from shared.teacher import resolve_teacher  # noqa: E402
-from trainer.engine import DearKDTrainer  # noqa: E402
+from trainer.engine import DearKDTrainer, autocast_dtype  # noqa: E402
+from trainer.metrics import TrainerMetrics  # noqa: E402
 from trainer.student import create_student  # noqa: E402
+
+FAR = 10**9  # a run this long stays in stage 1; step FAR - 1 is in stage 2
 
 
 def timed(step, steps: int, warmup: int, device: torch.device) -> float:
@@ -37,28 +42,65 @@ def timed(step, steps: int, warmup: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def make_trainer(s: Settings, cfg, teacher, device: torch.device, precision: str) -> DearKDTrainer:
+    torch.manual_seed(0)
+    return DearKDTrainer(cfg, s.dearkd, s.train.model_copy(update={"steps": FAR, "precision": precision}),
+                         teacher.model, device)
+
+
+def stage_seconds(trainer: DearKDTrainer, x, y, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    stage1 = timed(lambda: trainer.train_step(x, y), steps, warmup, device)
+    trainer.step = FAR - 1  # the stage-2 side of the switch
+
+    def stage2_step() -> None:
+        trainer.train_step(x, y)
+        trainer.step = FAR - 1
+
+    return stage1, timed(stage2_step, steps, warmup, device)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default="runs/teachers/digits_cnn.json", help="teacher card (JSON) or model name")
+    p.add_argument("--teacher", help=TEACHER_HELP)
     p.add_argument("--config", default="digits", help="preset or YAML with the student/dearkd/train settings")
     p.add_argument("--batch", type=int)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--log-every", type=int, default=50, help="loss reads in the sync comparison (train.log_every)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     s = Settings.load(args.config)
     device = resolve_device(args.device)
-    teacher = resolve_teacher(args.teacher)
+    teacher = bench_teacher(args.teacher)
     batch = args.batch or s.train.batch_size
     cfg = s.student.for_teacher(teacher.card)
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    images = batch * args.steps
 
-    trainer = DearKDTrainer(cfg, s.dearkd, s.train.model_copy(update={"steps": 10**9}), teacher.model, device)
-    stage1 = timed(lambda: trainer.train_step(x, y), args.steps, args.warmup, device)
-    trainer.step = 10**9 - 1  # the stage-2 side of the switch
-    stage2 = timed(lambda: (trainer.train_step(x, y), setattr(trainer, "step", 10**9 - 1)), args.steps,
-                   args.warmup, device)
+    seconds = {precision: stage_seconds(make_trainer(s, cfg, teacher, device, precision), x, y, args.steps,
+                                        args.warmup, device) for precision in ("fp32", "bf16")}
+    default = "bf16" if autocast_dtype(s.train.precision, device) is not None else "fp32"
+    stage1, stage2 = seconds[default]
+
+    # Host reads: every loss term to a Python float each step (the trainer's old metrics update) against one
+    # stacked read every `log_every` steps. On the CPU there is no device to wait for, so expect little difference.
+    trainer = make_trainer(s, cfg, teacher, device, s.train.precision)
+    metrics, count = TrainerMetrics(), itertools.count(1)
+
+    def read_every_step() -> None:
+        terms = trainer.train_step(x, y)
+        for k, v in terms.items():
+            if k != "stage":
+                float(v)
+
+    def read_when_logging() -> None:
+        terms = trainer.train_step(x, y)
+        if next(count) % args.log_every == 0:
+            metrics.losses(terms)
+
+    per_step = timed(read_every_step, args.steps, args.warmup, device)
+    logged = timed(read_when_logging, args.steps, args.warmup, device)
 
     bare = create_student(cfg.model_copy(update={"mhca_blocks": 0})).to(device)
     opt = torch.optim.AdamW(bare.parameters(), lr=1e-3)
@@ -71,13 +113,23 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
 
     bare_s = timed(bare_step, args.steps, args.warmup, device)
-    images = batch * args.steps
+
+    def rate(sec: float) -> float:
+        return round(args.steps / sec, 2)
+
     out = {"bench": "trainer_throughput", "student": cfg.model_dump(), "teacher": teacher.card.arch, "batch": batch,
            "steps": args.steps, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": git_commit(),
+           "precision": default,
            "stage1_images_per_s": round(images / stage1, 1), "stage2_images_per_s": round(images / stage2, 1),
            "bare_timm_images_per_s": round(images / bare_s, 1),
-           "stage1_over_bare": round(bare_s / stage1, 3), "stage2_over_bare": round(bare_s / stage2, 3)}
+           "stage1_over_bare": round(bare_s / stage1, 3), "stage2_over_bare": round(bare_s / stage2, 3),
+           "steps_per_s": {precision: {"stage1": rate(s1), "stage2": rate(s2)} for precision, (s1, s2) in
+                           seconds.items()},
+           "bf16_over_fp32": {"stage1": round(seconds["fp32"][0] / seconds["bf16"][0], 3),
+                              "stage2": round(seconds["fp32"][1] / seconds["bf16"][1], 3)},
+           "host_reads": {"log_every": args.log_every, "every_step_steps_per_s": rate(per_step),
+                          "when_logging_steps_per_s": rate(logged), "gain": round(per_step / logged, 3)}}
     print(json.dumps(out))
     return out
 

@@ -99,8 +99,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else s.runs_dir / "synth" / time.strftime("%Y%m%d-%H%M%S")
     report = run_synthesis(s, teacher, classes, args.per_class, out, iterations=args.iterations,
                            return_logits=args.logits, student=student, quiet=args.quiet)
-    summary = {k: report[k] for k in ("images", "seconds", "images_per_second", "teacher_top1",
-                                      "teacher_confidence", "intra_class_diversity", "bn_distance_fall")}
+    # intra_class_diversity is by space (teacher, pixel, verifier); verifier_top1 only with synth.verifier set
+    summary = {k: report[k] for k in ("images", "seconds", "images_per_second", "teacher_top1", "verifier_top1",
+                                      "teacher_confidence", "intra_class_diversity", "bn_distance_fall")
+               if k in report}
     print(json.dumps(summary | {"out": str(out)}))
     return 0
 
@@ -141,7 +143,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from shared.teacher import load_teacher
-    from trainer.main import run_training
+    from trainer.training import run_training
 
     train = {"steps": args.steps, "out_dir": args.out, "store_dir": args.store, "real_dir": args.real_dir,
              "real_fraction": args.real_fraction, "metrics_port": args.metrics_port}

@@ -13,7 +13,7 @@ import urllib.request
 from typing import Callable, TextIO
 
 from shared.errors import DfkdError
-from shared.processes import die_with_parent
+from dfkd.processes import die_with_parent
 
 
 class ServiceFailed(DfkdError, RuntimeError):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from dfkd.supervisor import Child, wait_healthy
 from shared.config import Settings
 from shared.errors import DfkdError
-from shared.redis_server import RedisServer, free_loopback_port
+from dfkd.redis_server import RedisServer, free_loopback_port
 
 PROGRESS_EVERY_S = 20.0
 STOP_TIMEOUT_S = {"trainer": 30.0, "synth": 15.0}

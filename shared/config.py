@@ -23,17 +23,30 @@ class SynthConfig(BaseModel):
         None, description="[(resolution, iterations), ...]; overrides `iterations`, e.g. [[112, 2000], [224, 1000]]")
     lr: float = Field(0.25, gt=0, le=10)
     betas: tuple[float, float] = (0.5, 0.9)
-    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="linear warm-up share of each phase, then cosine")
+    warmup_fraction: float | None = Field(
+        None, ge=0, lt=1, description="linear warm-up share of each phase, then cosine to zero; 0.05 when neither "
+                                      "this nor `warmup_iterations` is set")
+    warmup_iterations: int | None = Field(
+        None, ge=0, description="linear warm-up length in iterations at the start of each phase, then cosine to zero "
+                                "(the reference uses 100); scaled with the phase when a request sets its iterations; "
+                                "exclusive with `warmup_fraction`")
     bn_weight: float = Field(0.01, ge=0, description="a_f: BN-statistics matching")
     first_bn_multiplier: float = Field(10.0, ge=0)
     bn_layer_weights: list[float] | None = Field(None, description="per-BN-layer weights in forward order")
     tv_l1: float = Field(0.0, ge=0)
     tv_l2: float = Field(1e-4, ge=0)
     l2: float = Field(1e-5, ge=0)
-    jitter: int = Field(30, ge=0, le=512, description="roll-jitter in pixels at full resolution")
+    jitter: int = Field(30, ge=0, le=512, description="roll-jitter in pixels at full resolution; a lower-resolution "
+                                                      "phase pools first, then rolls by up to jitter x res / size "
+                                                      "px (floored, at least 1), as the reference's jitter // 2 at "
+                                                      "half size")
     flip: bool = True
-    competition: float = Field(0.0, ge=0, description="a_c: Adaptive-DI teacher/student competition (needs a student)")
-    competition_temperature: float = Field(3.0, gt=0)
+    competition: float = Field(
+        0.0, ge=0, description="a_c: Adaptive-DI teacher/student competition (needs a student). The term is "
+                               "1 - clamp(JS', 0, 1), JS' = 0.5 (KL(M‖P) + KL(M‖Q)) averaged over images, with P, Q "
+                               "the teacher and student softmax at `competition_temperature` and M = (P + Q) / 2, all "
+                               "three clamped to [0.01, 0.99] as in the ADI reference, so its a_c values carry over")
+    competition_temperature: float = Field(3.0, gt=0, description="T of the competition softmax (3 in the reference)")
     diversity: float = Field(0.0, ge=0, description="a_div: BPID intra-class divergence")
     boundary: float = Field(0.0, ge=0, description="a_bp: BPID boundary margin")
     margin: float = Field(1.0, ge=0, description="m: teacher logit margin kept by the boundary term")
@@ -42,6 +55,11 @@ class SynthConfig(BaseModel):
     channels_last: bool | None = Field(None, description="None: on CUDA only")
     compile: bool = False
     log_every: int = Field(50, ge=1)
+    verifier: Path | None = Field(
+        None, description="card (JSON) of an independent classifier, ideally another architecture, that the "
+                          "losses never see; when set, the report and metrics add its top-1 agreement with the "
+                          "target labels and the intra-class diversity in its penultimate features. It must have "
+                          "the teacher's classes, channels and input size")
 
     @model_validator(mode="after")
     def _check(self) -> "SynthConfig":
@@ -53,6 +71,13 @@ class SynthConfig(BaseModel):
                     raise ValueError(f"bad schedule phase ({res}, {iters}): resolution >= 4, iterations >= 1")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.warmup_iterations is not None:
+            if self.warmup_fraction is not None:
+                raise ValueError("set either synth.warmup_iterations or synth.warmup_fraction, not both")
+            shortest = min(it for _, it in self.resolution_schedule) if self.resolution_schedule else self.iterations
+            if self.warmup_iterations >= shortest:
+                raise ValueError(f"synth.warmup_iterations ({self.warmup_iterations}) must be shorter than every "
+                                 f"phase; the shortest has {shortest} iterations")
         return self
 
     def phases(self, image_size: int) -> list[tuple[int, int]]:
@@ -211,8 +236,12 @@ class DearKDConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation-token KD term in stage 1")
-    kd: Literal["hard", "soft"] = "hard"
-    temperature: float = Field(1.0, gt=0)
+    kd: Literal["hard", "soft"] = Field("hard", description="distillation-token target: hard = the teacher's "
+                                                             "argmax (CE), soft = its softmax at `temperature` (KL)")
+    temperature: float = Field(1.0, gt=0, description="soft KD temperature T")
+    soft_kd_reduction: Literal["deit", "batchmean"] = Field(
+        "deit", description="soft KD scale: deit = KL summed over the batch, / (batch x classes), x T^2 (DeiT's); "
+                            "batchmean = KL / batch x T^2, `classes` times larger")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     beta: float = Field(1.0, ge=0, description="weight of the aligned early-feature MSE")
     feature_pairs: list[tuple[int, int]] = Field(
@@ -233,6 +262,11 @@ class TrainConfig(BaseModel):
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(100, ge=0)
+    clip_grad_norm: float | None = Field(5.0, gt=0, description="clip the global gradient norm to this; None: no "
+                                                                "clipping")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 on CPU; bf16 autocasts the forward passes (losses, weights and "
+                            "optimizer stay fp32). On CUDA, fp32 matmuls and convolutions use TF32")
     crop_padding: int = Field(2, ge=0, description="random-crop padding (px) for synthetic and in-memory images")
     flip: bool = False
     real_dir: Path | None = Field(None, description="ImageFolder of real images, read with DALI")

@@ -27,6 +27,7 @@ class TeacherCard(BaseModel):
     image_size: int = Field(ge=4, le=1024)
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bilinear"  # how real images are resized to image_size (timm's pretrained_cfg name)
     class_names: list[str]
     fingerprint: str = ""
     weights: str | None = None  # file name relative to the card; None = random init (speed benchmarks only)
@@ -77,15 +78,30 @@ def load_teacher(card_path: Path) -> Teacher:
     return Teacher(model.eval(), card)
 
 
-def teacher_from_arch(arch: str, num_classes: int = 1000, in_chans: int = 3, image_size: int = 224,
-                      weights: Path | None = None, mean: tuple[float, ...] = IMAGENET_MEAN,
-                      std: tuple[float, ...] = IMAGENET_STD, class_names: list[str] | None = None) -> Teacher:
-    """A teacher from a model name (project or timm) and optional local weights, with ImageNet defaults."""
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """Mean, std, image size and interpolation from a timm model's `pretrained_cfg`, else ImageNet at 224 px."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {"mean": tuple(cfg.get("mean") or IMAGENET_MEAN), "std": tuple(cfg.get("std") or IMAGENET_STD),
+            "image_size": int((cfg.get("input_size") or (3, 224, 224))[-1]),
+            "interpolation": cfg.get("interpolation") or "bilinear"}
+
+
+def teacher_from_arch(arch: str, num_classes: int = 1000, in_chans: int = 3, image_size: int | None = None,
+                      weights: Path | None = None, mean: tuple[float, ...] | None = None,
+                      std: tuple[float, ...] | None = None, class_names: list[str] | None = None,
+                      interpolation: str | None = None) -> Teacher:
+    """A teacher from a model name (project or timm) and optional local weights.
+
+    Mean, std, image size and interpolation not given here come from the model's timm `pretrained_cfg`
+    (e.g. 0.5/0.5 at 299 px for inception_v3), else ImageNet statistics at 224 px.
+    """
     model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
     state = load_weights(model, Path(weights)) if weights is not None else model.state_dict()
+    cfg = data_config(model)
+    mean, std = mean or cfg["mean"], std or cfg["std"]
     card = TeacherCard(
-        name=arch, arch=arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
-        mean=tuple(mean)[:in_chans], std=tuple(std)[:in_chans],
+        name=arch, arch=arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size or cfg["image_size"],
+        mean=tuple(mean)[:in_chans], std=tuple(std)[:in_chans], interpolation=interpolation or cfg["interpolation"],
         class_names=class_names or [str(i) for i in range(num_classes)],
         fingerprint=fingerprint(state), weights=str(weights) if weights else None,
     )

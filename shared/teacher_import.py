@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.errors import WeightsError
-from shared.teacher import IMAGENET_MEAN, IMAGENET_STD, TeacherCard, teacher_from_arch
+from shared.teacher import TeacherCard, data_config, teacher_from_arch
 from shared.weights import fingerprint, save_weights
 
 
@@ -44,21 +44,22 @@ def import_teacher(arch: str, out_dir: Path, name: str, *, weights: Path | None 
         model = _pretrained_model(arch)
         cfg = model.pretrained_cfg
         num_classes, in_chans = model.num_classes, cfg.get("input_size", (in_chans,))[0]
-        mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-        image_size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
+        data = data_config(model)
+        mean, std, interpolation = data["mean"], data["std"], data["interpolation"]
+        image_size = image_size or data["image_size"]
         recipe = {"source": "timm-pretrained", "pretrained_tag": cfg.get("tag")}
-    else:
+    else:  # mean, std, size and interpolation from timm's pretrained_cfg for the name, unless given
         teacher = teacher_from_arch(arch, num_classes=num_classes, in_chans=in_chans, weights=weights,
-                                    image_size=image_size or 224)
-        model, mean, std = teacher.model, IMAGENET_MEAN, IMAGENET_STD
-        image_size = image_size or 224
+                                    image_size=image_size)
+        model, mean, std = teacher.model, teacher.card.mean, teacher.card.std
+        image_size, interpolation = teacher.card.image_size, teacher.card.interpolation
         recipe = {"source": "local-weights", "file": Path(weights).name}
     if class_names is None and num_classes == 1000:
         class_names = _imagenet_names(num_classes)
     out_dir = Path(out_dir)
     save_weights(model, out_dir / f"{name}.safetensors")
     card = TeacherCard(name=name, arch=arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
-                       mean=tuple(mean)[:in_chans], std=tuple(std)[:in_chans],
+                       mean=tuple(mean)[:in_chans], std=tuple(std)[:in_chans], interpolation=interpolation,
                        class_names=class_names or [str(i) for i in range(num_classes)],
                        fingerprint=fingerprint(model.state_dict()), weights=f"{name}.safetensors", recipe=recipe)
     card_path = out_dir / f"{name}.json"

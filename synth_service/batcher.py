@@ -17,8 +17,8 @@ import torch
 
 from shared.errors import DfkdError, InvalidRequestError
 from synth_service.engine import InversionEngine, SynthResult
+from synth_service.labels import check_class_ids
 from synth_service.metrics import SynthMetrics
-from synth_service.report import mean_diversity
 
 # Lower runs first: synchronous HTTP requests, then job chunks; background production only fills what is left.
 PRIORITY = {"http": 0, "job": 1}
@@ -77,7 +77,8 @@ class Batcher:
             raise ValueError(f"unknown destination {destination!r}")
         if len(labels) > self.max_batch:
             raise InvalidRequestError(f"{len(labels)} images exceed the batch size {self.max_batch}; split them")
-        labels = self.engine.validate_labels(labels).tolist()
+        # Checked here, not only by the engine: one bad id in a coalesced batch would fail every request in it.
+        labels = check_class_ids(self.engine.card, labels)
         c = self.engine.card
         init = torch.randn(len(labels), c.in_chans, c.image_size, c.image_size,
                            generator=torch.Generator().manual_seed(seed))
@@ -226,5 +227,5 @@ class Batcher:
             m.loss.labels(term).set(value)
         m.teacher_confidence.set(float(result.teacher_confidence.mean()))
         m.teacher_top1.set(float((result.teacher_top1 == result.labels).float().mean()))
-        m.diversity.set(mean_diversity(result.features, result.labels))
+        m.record_quality(result)
         self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * (result.seconds / n)

@@ -1,41 +1,83 @@
 """Forward hooks that measure each BatchNorm input's batch statistics against the layer's running statistics."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 
 from synth_service.losses import bn_statistics_distance
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers with running statistics; refuses a model without any (checked before any hook)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not layers:
+        raise ValueError("the teacher has no BatchNorm layers with running statistics; BN-statistics matching "
+                         "needs them: use a teacher with BatchNorm (e.g. a ResNet or EfficientNet)")
+    return layers
+
+
 class BNStatsHooks:
-    """Registered once per teacher, removed by `remove()`; each forward appends one distance per BN layer."""
+    """Registered once per teacher, removed by `remove()`; `pop()` gives one distance per BN layer per forward.
 
-    def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules()
-                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not self.layers:
-            raise ValueError("the teacher has no BatchNorm layers with running statistics; "
-                             "BN-statistics matching needs them")
-        self.distances: list[torch.Tensor] = []
-        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+    With a `probe` input, a dry forward keeps only the layers the forward reaches, in the order it reaches them.
+    A layer called more than once per forward (a shared BatchNorm) gets the mean of its per-call distances.
+    """
 
-    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, probe: torch.Tensor | None = None):
+        layers = batchnorm_layers(model)
+        self._log: list[tuple[int, torch.Tensor]] = []
+        self._handles: list = []
+        self._register(layers)
+        self.calls = [1] * len(layers)  # calls per layer in one forward; known after a probe
+        if probe is not None:
+            try:
+                with torch.no_grad():
+                    model(probe)
+                order = list(dict.fromkeys(k for k, _ in self._log))  # first-call order
+                counts = [sum(k == j for k, _ in self._log) for j in order]
+                self.remove()
+                if not order:
+                    raise ValueError("no BatchNorm layer of the teacher runs in its forward pass; "
+                                     "BN-statistics matching needs at least one")
+                self._register([layers[k] for k in order])
+                self.calls = counts
+            except BaseException:
+                self.remove()
+                raise
+
+    def _register(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        self._handles = [m.register_forward_hook(partial(self._hook, k)) for k, m in enumerate(layers)]
+
+    def _hook(self, k: int, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0].float()  # bf16 activations under autocast: statistics in fp32
         dims = (0,) if x.dim() == 2 else (0, *range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, correction=0)
-        self.distances.append(bn_statistics_distance(mean, var, module.running_mean, module.running_var))
+        self._log.append((k, bn_statistics_distance(mean, var, module.running_mean, module.running_var)))
 
     def pop(self) -> torch.Tensor:
-        """Per-layer distances of the last forward, in call order, as one (L,) tensor."""
-        out = torch.stack(self.distances)
-        self.distances = []
-        return out
+        """Per-layer distances of the last forward, in `self.layers` order, as one (L,) tensor."""
+        per_layer: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        for k, d in self._log:
+            per_layer[k].append(d)
+        self._log = []
+        missing = [k for k, ds in enumerate(per_layer) if not ds]
+        if missing:
+            raise RuntimeError(f"BatchNorm layer(s) {missing} did not run in this forward; the teacher's forward "
+                               "must reach the same BatchNorm layers on every call")
+        return torch.stack([ds[0] if len(ds) == 1 else torch.stack(ds).mean() for ds in per_layer])
+
+    def clear(self) -> None:
+        """Drop what a forward that failed part-way left behind."""
+        self._log = []
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self.distances = []
+        self._log = []
 
     @property
     def active(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -14,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.config import SynthConfig
-from shared.errors import InvalidRequestError
-from shared.teacher import Teacher
-from synth_service.bn_hooks import BNStatsHooks
+from shared.errors import DfkdError, InvalidRequestError
+from shared.teacher import Teacher, TeacherCard, load_teacher
+from synth_service.bn_hooks import BNStatsHooks, batchnorm_layers
+from synth_service.labels import check_class_ids
 from synth_service.losses import (
     boundary_margin,
     intra_class_divergence,
@@ -24,6 +26,7 @@ from synth_service.losses import (
     l2_prior,
     total_variation,
 )
+from synth_service.teacher_features import TeacherHead
 
 # Order of the per-iteration loss history columns.
 LOSS_TERMS = ("loss", "ce", "bn", "tv_l1", "tv_l2", "l2", "competition", "diversity", "boundary")
@@ -48,6 +51,9 @@ class SynthResult:
     seed: int
     logits: torch.Tensor | None = None  # (N, K) fp32, when requested
     per_image: dict[str, torch.Tensor] = field(default_factory=dict)  # per-image final loss terms
+    phases: list[tuple[int, int]] = field(default_factory=list)  # (resolution, iterations) run, in history order
+    verifier_top1: torch.Tensor | None = None  # (N,) verifier prediction on the final uint8 images, when configured
+    verifier_features: torch.Tensor | None = None  # (N, D') L2-normalised penultimate verifier features
 
     def select(self, start: int, stop: int) -> "SynthResult":
         """Images start..stop of this batch, with the batch-level terms and history shared."""
@@ -57,7 +63,8 @@ class SynthResult:
             teacher_confidence=part(self.teacher_confidence), teacher_margin=part(self.teacher_margin),
             features=part(self.features), final_terms=self.final_terms, history=self.history,
             seconds=self.seconds, iterations=self.iterations, seed=self.seed, logits=part(self.logits),
-            per_image={k: part(v) for k, v in self.per_image.items()},
+            per_image={k: part(v) for k, v in self.per_image.items()}, phases=self.phases,
+            verifier_top1=part(self.verifier_top1), verifier_features=part(self.verifier_features),
         )
 
     @staticmethod
@@ -76,12 +83,30 @@ class SynthResult:
             seconds=sum(r.seconds for r in results), iterations=first.iterations, seed=first.seed,
             logits=cat("logits") if first.logits is not None else None,
             per_image={k: torch.cat([r.per_image[k] for r in results]) for k in first.per_image},
+            phases=first.phases,
+            verifier_top1=cat("verifier_top1") if first.verifier_top1 is not None else None,
+            verifier_features=cat("verifier_features") if first.verifier_features is not None else None,
         )
 
 
-def lr_at(step: int, total: int, base_lr: float, warmup_fraction: float) -> float:
-    """Linear warm-up then cosine to zero, within one phase."""
-    warmup = int(total * warmup_fraction)
+def warmup_length(config: SynthConfig, phase_iters: int, scale: float = 1.0) -> int:
+    """Warm-up steps of a phase of `phase_iters` steps; `scale` is how much a request's iterations scaled the phase.
+
+    Fixed iterations (the reference's 100) scale with the phase, so a short request is not all warm-up.
+    """
+    if config.warmup_iterations is not None:
+        return min(round(config.warmup_iterations * scale), phase_iters - 1)
+    fraction = config.warmup_fraction if config.warmup_fraction is not None else 0.05
+    return int(phase_iters * fraction)
+
+
+def phase_jitter(jitter: int, res: int, size: int) -> int:
+    """Roll limit in pixels at resolution `res`: floored as in the reference (30 at 224 px -> 15 at 112), >= 1."""
+    return max(1, jitter * res // size) if jitter > 0 else 0
+
+
+def inversion_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps then cosine to zero, within one phase."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -136,21 +161,30 @@ class InversionEngine:
 
         self.teacher = self._freeze(teacher.model)
         self.student = self._freeze(student) if student is not None else None
-        self._bn = BNStatsHooks(self.teacher)
-        n_bn = len(self._bn.layers)
-        weights = config.bn_layer_weights or [1.0] * n_bn
-        if len(weights) != n_bn:
-            raise InvalidRequestError(f"bn_layer_weights has {len(weights)} entries; the teacher has {n_bn} BN layers")
-        w = torch.tensor(weights, dtype=torch.float32)
-        w[0] *= config.first_bn_multiplier
-        self._bn_weights = w.to(self.device)
-
         c = self.card
-        self._mean = torch.tensor(c.mean, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(c.std, device=self.device).view(1, -1, 1, 1)
-        self._lo, self._hi = -self._mean / self._std, (1 - self._mean) / self._std
-        self._forward = torch.compile(self._teacher_forward) if config.compile else self._teacher_forward
-        self._check_head_protocol()
+        probe = torch.randn(2, c.in_chans, c.image_size, c.image_size, device=self.device,
+                            generator=torch.Generator(self.device).manual_seed(0))
+        batchnorm_layers(self.teacher)  # refuse a teacher without BatchNorm before anything runs on it
+        self._head = TeacherHead(self.teacher, probe, c.arch)  # refuses unreadable heads before any hook exists
+        self.verifier_card, self._verifier = self._load_verifier(config.verifier, probe)
+        self._bn = BNStatsHooks(self.teacher, probe)
+        try:  # a failed engine leaves no hooks on the teacher
+            n_bn = len(self._bn.layers)
+            weights = config.bn_layer_weights or [1.0] * n_bn
+            if len(weights) != n_bn:
+                raise InvalidRequestError(
+                    f"bn_layer_weights has {len(weights)} entries; the teacher has {n_bn} BN layers")
+            w = torch.tensor(weights, dtype=torch.float32)
+            w[0] *= config.first_bn_multiplier
+            self._bn_weights = w.to(self.device)
+
+            self._mean = torch.tensor(c.mean, device=self.device).view(1, -1, 1, 1)
+            self._std = torch.tensor(c.std, device=self.device).view(1, -1, 1, 1)
+            self._lo, self._hi = -self._mean / self._std, (1 - self._mean) / self._std
+            self._forward = torch.compile(self._teacher_forward) if config.compile else self._teacher_forward
+        except BaseException:
+            self._bn.remove()
+            raise
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def _freeze(self, model: nn.Module) -> nn.Module:
@@ -160,20 +194,39 @@ class InversionEngine:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def _check_head_protocol(self) -> None:
-        """The engine reads features and logits from one forward; make sure that equals `model(x)`."""
-        c = self.card
-        x = torch.randn(2, c.in_chans, c.image_size, c.image_size, device=self.device,
-                        generator=torch.Generator(self.device).manual_seed(0))
-        with torch.no_grad():  # in fp32 even when the loop runs under bf16 autocast
-            direct = self.teacher(x)
-            logits = self.teacher.get_classifier()(
-                self.teacher.forward_head(self.teacher.forward_features(x), pre_logits=True))
-        self._bn.distances = []
-        if direct.shape != logits.shape or not torch.allclose(direct, logits, atol=1e-4, rtol=1e-4):
-            raise InvalidRequestError(
-                f"teacher {c.arch!r} does not follow timm's head protocol (forward_features / forward_head / "
-                "get_classifier); the engine cannot read its penultimate features")
+    def _load_verifier(self, path: Path | None, probe: torch.Tensor) -> tuple[TeacherCard | None, TeacherHead | None]:
+        """The optional independent classifier: its own model object and a hook-free head reader."""
+        if path is None:
+            return None, None
+        try:
+            verifier = load_teacher(path)
+        except DfkdError as exc:  # its messages say "teacher"; name the setting at fault
+            raise type(exc)(f"synth.verifier: {exc}") from exc
+        v, c = verifier.card, self.card
+        for what, theirs, ours in (("classes", v.num_classes, c.num_classes), ("channels", v.in_chans, c.in_chans),
+                                   ("input size", v.image_size, c.image_size)):
+            if theirs != ours:
+                raise InvalidRequestError(f"synth.verifier {str(path)!r} ({v.arch}) has {what} {theirs}; the teacher "
+                                          f"{c.name!r} has {ours}: the verifier must classify the teacher's images")
+        if v.fingerprint == c.fingerprint:
+            raise InvalidRequestError(f"synth.verifier {str(path)!r} has the teacher's own weights; it must be an "
+                                      "independent model")
+        if v.class_names != c.class_names:
+            raise InvalidRequestError(f"synth.verifier {str(path)!r} names its classes differently from the teacher "
+                                      f"{c.name!r}; the label ids would not mean the same classes")
+        try:
+            head = TeacherHead(self._freeze(verifier.model), probe, v.arch)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"synth.verifier {str(path)!r}: {exc}") from exc
+        self._verifier_norm = (torch.tensor(v.mean, device=self.device).view(1, -1, 1, 1),
+                               torch.tensor(v.std, device=self.device).view(1, -1, 1, 1))
+        return v, head
+
+    def _verify(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verifier top-1 and unit penultimate features on the uint8 images as delivered, in its own normalisation."""
+        mean, std = self._verifier_norm
+        logits, pre = self._verifier((pixels.float() / 255 - mean) / std)
+        return logits.argmax(dim=1).cpu(), F.normalize(pre.float(), dim=1).cpu()
 
     def close(self) -> None:
         self._bn.remove()
@@ -187,25 +240,26 @@ class InversionEngine:
     # -- validation -------------------------------------------------------------------------------------------------
     def validate_labels(self, labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
         y = torch.as_tensor(labels, dtype=torch.int64).flatten()
-        if y.numel() == 0:
+        if y.numel() == 0:  # one label per image: "no class ids" would misname it here
             raise InvalidRequestError("no labels: the image count must be >= 1")
-        k = self.card.num_classes
-        bad = y[(y < 0) | (y >= k)].unique().tolist()
-        if bad:
-            raise InvalidRequestError(
-                f"unknown class id(s) {bad} for teacher {self.card.name!r}: valid ids are 0..{k - 1}")
+        check_class_ids(self.card, y.tolist())
         return y
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     def _teacher_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, penultimate features and per-layer BN distances from one teacher forward (fp32 outputs)."""
+        self._bn.clear()  # entries a failed forward left behind
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            pre = self.teacher.forward_head(self.teacher.forward_features(x), pre_logits=True)
-            logits = self.teacher.get_classifier()(pre)
+            logits, pre = self._head(x)
         return logits.float(), pre.float(), self._bn.pop()
 
-    def _augment(self, x: torch.Tensor, jitter: int, gen: torch.Generator) -> torch.Tensor:
-        """Roll-jitter then random h-flip of a view; shifts drawn on a CPU generator, so no device sync."""
+    def _augment(self, x: torch.Tensor, res: int, jitter: int, gen: torch.Generator) -> torch.Tensor:
+        """Pool to `res`, roll-jitter by up to `jitter` px at that resolution, random h-flip, as in the reference.
+
+        Shifts are drawn on a CPU generator, so no device sync.
+        """
+        if res != x.shape[-1]:
+            x = F.interpolate(x, size=(res, res), mode="area")
         if jitter > 0:
             dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
@@ -256,6 +310,7 @@ class InversionEngine:
             total = sum(it for _, it in phases)
             phases = [(res, max(1, round(it * iterations / total))) for res, it in phases]
         total_iters = sum(it for _, it in phases)
+        scale = 1.0 if iterations is None else iterations / sum(it for _, it in cfg.phases(card.image_size))
 
         gen = torch.Generator().manual_seed(seed)
         n, size = len(y), card.image_size
@@ -273,14 +328,13 @@ class InversionEngine:
 
         start, step = time.perf_counter(), 0
         for res, phase_iters in phases:
-            jitter = round(cfg.jitter * res / size)
+            jitter = phase_jitter(cfg.jitter, res, size)
+            warmup = warmup_length(cfg, phase_iters, scale)
             optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas)  # fresh state per phase, as in DI
             for i in range(phase_iters):
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(i, phase_iters, cfg.lr, cfg.warmup_fraction)
-                view = self._augment(x, jitter, gen)
-                if res != size:
-                    view = F.interpolate(view, size=(res, res), mode="area")
+                    group["lr"] = inversion_lr(i, phase_iters, cfg.lr, warmup)
+                view = self._augment(x, res, jitter, gen)
                 loss, terms = self.loss_terms(view, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -301,6 +355,7 @@ class InversionEngine:
         final_x = best_x if cfg.keep_best and torch.isfinite(best_loss) else x.detach()
         result = self._finish(final_x, y, seed, total_iters, return_logits)
         result.history = {k: v for k, v in zip(LOSS_TERMS, history.t().cpu().tolist())}
+        result.phases = [(res, it) for res, it in phases]
         result.seconds = time.perf_counter() - start
         return result
 
@@ -321,6 +376,7 @@ class InversionEngine:
             "boundary": boundary_margin(logits, y, cfg.margin),
         }
         pixels = (x.float() * self._std + self._mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+        verifier_top1, verifier_features = self._verify(pixels) if self._verifier is not None else (None, None)
         return SynthResult(
             images=pixels.contiguous().cpu(),
             labels=y.cpu(),
@@ -335,6 +391,8 @@ class InversionEngine:
             seed=seed,
             logits=logits.cpu() if return_logits else None,
             per_image={"ce": ce.cpu(), "margin": margin.cpu()},
+            verifier_top1=verifier_top1,
+            verifier_features=verifier_features,
         )
 
     def synthesize_classes(self, classes: Sequence[int], per_class: int, seed: int = 0,

@@ -34,11 +34,20 @@ def bn_statistics_distance(mean: torch.Tensor, var: torch.Tensor, running_mean: 
 
 
 def js_competition(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Adaptive-DI term 1 - JS(p_T, p_S) at temperature T: minimising it seeks images the two disagree on."""
+    """Adaptive-DI term 1 - clamp(JS', 0, 1): minimising it seeks images the teacher and student disagree on.
+
+    JS' follows the ADI reference rather than the textbook divergence, so its a_c values carry over: the mean over
+    images of 0.5 (KL(M‖P) + KL(M‖Q)), with M = (P + Q) / 2 and P, Q, M clamped to [0.01, 0.99]. JS' can pass 1,
+    so the clamp binds on confident, opposite predictions (docs/configuration.md, `synth.competition`).
+    """
     p = F.softmax(teacher_logits / temperature, dim=1)
     q = F.softmax(student_logits / temperature, dim=1)
-    m = (0.5 * (p + q)).clamp_min(1e-12).log()
-    js = 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+    m = (0.5 * (p + q)).clamp(0.01, 0.99)
+    log_m = m.log()
+    p, q = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99)
+    kl_mp = (m * (log_m - p.log())).sum(dim=1)
+    kl_mq = (m * (log_m - q.log())).sum(dim=1)
+    js = 0.5 * (kl_mp + kl_mq).mean()
     return 1.0 - js.clamp(0.0, 1.0)
 
 

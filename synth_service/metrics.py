@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from synth_service.engine import SynthResult
+from synth_service.report import diversity_by_space
+
 PREFIX = "dfkd_synth"
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_DIVERSITY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 2.0)  # range [0, 2]
 
 
 class SynthMetrics:
@@ -26,8 +30,15 @@ class SynthMetrics:
         self.teacher_confidence = Gauge(f"{PREFIX}_teacher_confidence",
                                         "Mean teacher probability of the target class, last batch", registry=r)
         self.teacher_top1 = Gauge(f"{PREFIX}_teacher_top1", "Teacher top-1 on the last batch", registry=r)
+        # space: teacher (penultimate features, which BPID optimises), pixel (no model), verifier (synth.verifier)
         self.diversity = Gauge(f"{PREFIX}_intra_class_diversity",
-                               "Mean intra-class pairwise teacher-feature distance, last batch", registry=r)
+                               "Mean intra-class pairwise distance of unit-length embeddings, last batch", ["space"],
+                               registry=r)
+        self.diversity_batches = Histogram(f"{PREFIX}_batch_intra_class_diversity",
+                                           "Mean intra-class pairwise distance of unit-length embeddings per batch",
+                                           ["space"], buckets=_DIVERSITY_BUCKETS, registry=r)
+        self.verifier_top1 = Gauge(f"{PREFIX}_verifier_top1",
+                                   "Verifier top-1 agreement with the target labels on the last batch", registry=r)
         self.queue_images = Gauge(f"{PREFIX}_queue_images", "Images waiting for an engine batch", registry=r)
         self.stream_backlog = Gauge(f"{PREFIX}_stream_backlog_entries",
                                     "Stream entries not yet acknowledged by the trainers (lag + pending)", registry=r)
@@ -40,3 +51,12 @@ class SynthMetrics:
                                      registry=r)
         self.http_latency = Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP latency",
                                       ["route", "method"], buckets=_DURATION_BUCKETS, registry=r)
+
+    def record_quality(self, result: SynthResult) -> None:
+        """Diversity per space and verifier agreement of one finished batch, from its final images and features."""
+        for space, value in diversity_by_space(result).items():
+            if value is not None:  # no class with 2 images in this batch
+                self.diversity.labels(space).set(value)
+                self.diversity_batches.labels(space).observe(value)
+        if result.verifier_top1 is not None:
+            self.verifier_top1.set(float((result.verifier_top1 == result.labels).float().mean()))

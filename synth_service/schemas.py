@@ -1,5 +1,6 @@
 """Request and response models of the HTTP API. Every field is bounded; limits that depend on the loaded teacher
-or the service config (class range, request size, iteration cap) are checked in the routes and also answer 422."""
+or the service config (class range, request size, iteration cap) are checked in request_checks.py and also answer
+422."""
 from __future__ import annotations
 
 from typing import Literal

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from shared.redis_server import RedisServer
+from dfkd.redis_server import RedisServer
 from shared.stream import connect_redis
 
 

@@ -1,4 +1,4 @@
-"""bench/synth_throughput.py runs on the CPU and ends with one JSON line of measured figures."""
+"""The benches run on the CPU, on a clean checkout, and end with one JSON line of measured figures."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -65,3 +66,23 @@ def test_dearkd_ablation_prints_its_json_line(digits_teacher, teacher_dir):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["synthetic_images"] == 20 and set(out["results"]) == {"dearkd", "no_mhca"}
     assert all(0 <= r["heldout_top1"] <= 1 for r in out["results"].values())
+
+
+def test_a_bench_on_a_clean_checkout_trains_the_digits_teacher_it_needs(tmp_path):
+    # No --teacher and an empty working directory, as on a fresh clone: the bench trains and caches the teacher.
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "dearkd_ablation.py"), "--per-class", "1",
+                          "--steps", "1", "--variants", "dearkd"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["bench"] == "dearkd_ablation"
+    assert (tmp_path / "runs" / "teachers" / "digits_cnn.json").is_file()
+
+
+@pytest.mark.parametrize("bench", ["dearkd_ablation", "http_coalescing", "trainer_throughput"])
+def test_a_bench_names_a_missing_teacher_in_one_line(bench, tmp_path):
+    missing = tmp_path / "no_such_teacher.json"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / f"{bench}.py"), "--teacher", str(missing)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and str(missing) in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr

@@ -97,7 +97,7 @@ def test_serve_runs_the_service(card_path, tmp_path):
 
     import httpx
 
-    from synth_service.threaded_server import free_port
+    from live_server import free_port
 
     port = free_port()
     env = os.environ | {"DFKD_SERVICE__AUTH_TOKEN": "t0ken", "DFKD_SYNTH__ITERATIONS": "3"}

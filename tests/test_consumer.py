@@ -338,7 +338,7 @@ def test_refuses_a_decoding_client(redis_server, tmp_path):
 
 
 def _start_consumer(redis_url: str, store: Path, until: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "trainer.consume_main", "--redis-url", redis_url, "--run", "consume",
+    command = [sys.executable, str(REPO / "tests" / "consume_main.py"), "--redis-url", redis_url, "--run", "consume",
                "--store", str(store), "--consumer", "trainer-0", "--until", str(until), "--fingerprint", FINGERPRINT,
                "--batch-entries", "3", "--block-ms", "100"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -15,7 +15,7 @@ from shared.data.cifar10 import CLASS_NAMES as CIFAR10_CLASSES  # noqa: E402
 from shared.data.digits import load_digits_split  # noqa: E402
 from trainer.dali_reader import ImageFolderError, RealImageReader, pipeline_device  # noqa: E402
 from trainer.imagefolder_export import export_cifar10, export_digits  # noqa: E402
-from trainer.mixin import REAL, SYNTHETIC, MixInSampler  # noqa: E402
+from trainer.mixing import REAL, SYNTHETIC, MixInSampler  # noqa: E402
 
 CIFAR_ROOT = Path(__file__).resolve().parents[2] / "shared/data/cifar10"
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)

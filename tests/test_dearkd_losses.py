@@ -8,7 +8,7 @@ import torch
 
 from shared.config import DearKDConfig
 from trainer.losses import distillation_token_loss, stage1_loss, stage2_loss
-from trainer.schedule import lr_at, stage_at
+from trainer.schedule import stage_at, student_lr
 
 torch.manual_seed(0)
 
@@ -28,12 +28,28 @@ def test_hard_and_soft_distillation_match_formulas():
     s, t = torch.randn(5, 7), torch.randn(5, 7) * 2
     hard = -sum(float(s[i].log_softmax(0)[t[i].argmax()]) for i in range(5)) / 5
     assert float(distillation_token_loss(s, t, "hard", 1.0)) == pytest.approx(hard, rel=1e-5)
-    temp = 3.0
-    p_t, p_s = (t / temp).softmax(1), (s / temp).softmax(1)
-    soft = float((p_t * (p_t.log() - p_s.log())).sum()) / 5 * temp ** 2
-    assert float(distillation_token_loss(s, t, "soft", temp)) == pytest.approx(soft, rel=1e-4)
     with pytest.raises(ValueError, match="unknown KD kind"):
         distillation_token_loss(s, t, "medium", 1.0)
+
+
+def test_soft_distillation_is_deits_by_default_and_batchmean_on_request():
+    s, t = torch.randn(5, 7), torch.randn(5, 7) * 2
+    temp = 3.0
+    p_t, p_s = (t / temp).softmax(1), (s / temp).softmax(1)
+    kl_sum = float((p_t * (p_t.log() - p_s.log())).sum())
+    # DeiT: sum * T^2 / numel, i.e. over batch x classes.
+    assert float(distillation_token_loss(s, t, "soft", temp)) == pytest.approx(kl_sum * temp ** 2 / 35, rel=1e-4)
+    assert float(distillation_token_loss(s, t, "soft", temp, "batchmean")) == pytest.approx(kl_sum * temp ** 2 / 5,
+                                                                                           rel=1e-4)
+    assert DearKDConfig().soft_kd_reduction == "deit"
+    cfg = DearKDConfig(kd="soft", temperature=temp, alpha=1.0, beta=0.0)
+    total, terms = stage1_loss(s, s, torch.zeros(5, dtype=torch.long), t, [], cfg)
+    assert float(total) == pytest.approx(kl_sum * temp ** 2 / 35, rel=1e-4)
+    batchmean = cfg.model_copy(update={"soft_kd_reduction": "batchmean"})
+    assert float(stage1_loss(s, s, torch.zeros(5, dtype=torch.long), t, [], batchmean)[0]) == pytest.approx(
+        kl_sum * temp ** 2 / 5, rel=1e-4)
+    with pytest.raises(ValueError, match="reduction"):
+        distillation_token_loss(s, t, "soft", temp, "mean")
 
 
 def test_stage1_is_the_weighted_sum():
@@ -65,7 +81,7 @@ def test_stage_switch_happens_exactly_at_the_configured_step(total, fraction, sw
 
 
 def test_one_warmup_cosine_curve_spans_both_stages():
-    lrs = [lr_at(s, 100, 1e-3, 10, 1e-5) for s in range(100)]
+    lrs = [student_lr(s, 100, 1e-3, 10, 1e-5) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone after warm-up, no reset at the switch
     assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1 + math.cos(math.pi * 45 / 90)) * (1e-3 - 1e-5))

@@ -6,7 +6,7 @@ import pytest
 from shared.data.digits import load_digits_split
 from shared.wire import SynthesisRecord, WireBatch
 from trainer.imagefolder_export import export_digits
-from trainer.main import run_training
+from trainer.training import run_training
 from trainer.store import SyntheticStore
 
 

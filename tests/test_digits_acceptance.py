@@ -9,7 +9,7 @@ from shared.data.digits import load_digits_split
 from shared.models import create_model
 from synth_service.engine import InversionEngine
 from synth_service.report import mean_diversity
-from trainer.logit_kd import distill_logits
+from logit_kd import distill_logits
 from trainer.teacher_train import evaluate
 
 

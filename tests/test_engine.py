@@ -109,14 +109,10 @@ def test_multi_resolution_schedule(digits_teacher):
         assert scaled.iterations == 14
 
 
-def test_adaptive_di_competition_with_a_student(digits_teacher, digits_verifier):
-    cfg = FAST.model_copy(update={"competition": 1.0})
+def test_adaptive_di_competition_needs_a_student(digits_teacher):
+    # What the term does to the images: tests/test_synth_reference.py.
     with pytest.raises(InvalidRequestError, match="student"):
-        InversionEngine(digits_teacher, cfg)
-    with InversionEngine(digits_teacher, cfg, student=digits_verifier.model) as engine:
-        r = engine.synthesize([1, 1, 8, 8], seed=0)
-    assert all(0.0 <= v <= 1.0 for v in r.history["competition"])
-    assert any(v > 0 for v in r.history["competition"])
+        InversionEngine(digits_teacher, FAST.model_copy(update={"competition": 1.0}))
 
 
 def test_a_timm_teacher_by_name():

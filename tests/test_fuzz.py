@@ -6,7 +6,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from synth_service.threaded_server import LiveServer
+from live_server import LiveServer
 from synth_service.app import create_app
 
 # Tiny limits so that every generated request that passes validation is cheap to serve on a CPU.

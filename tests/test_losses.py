@@ -16,7 +16,7 @@ from synth_service.losses import (
     l2_prior,
     total_variation,
 )
-from trainer.logit_kd import kd_loss
+from logit_kd import kd_loss
 
 torch.manual_seed(0)
 
@@ -61,14 +61,26 @@ def test_bn_hook_distance_matches_direct_statistics():
     hooks.remove()
 
 
-def test_js_competition_matches_formula():
-    t, s, temp = torch.randn(5, 7), torch.randn(5, 7), 3.0
+def test_js_competition_matches_the_adi_reference_formula():
+    # 1 - clamp(JS', 0, 1), JS' = 0.5 (KL(M||P) + KL(M||Q)) per image, averaged; P, Q, M clamped to [0.01, 0.99],
+    # M taken from the unclamped P and Q.
+    temp = 3.0
+    t, s = torch.randn(5, 7, dtype=torch.float64) * 4, torch.randn(5, 7, dtype=torch.float64) * 4
     p, q = (t / temp).softmax(1), (s / temp).softmax(1)
     m = (p + q) / 2
-    kl = lambda a, b: float((a * (a / b).log()).sum()) / len(a)  # noqa: E731
-    js = 0.5 * kl(p, m) + 0.5 * kl(q, m)
-    assert float(js_competition(t, s, temp)) == pytest.approx(1 - js, rel=1e-5)
-    assert float(js_competition(t, t, temp)) == pytest.approx(1.0, abs=1e-6)
+    js = 0.0
+    for i in range(5):
+        for c in range(7):
+            pc, qc, mc = (min(max(float(v[i, c]), 0.01), 0.99) for v in (p, q, m))
+            js += 0.5 * (mc * math.log(mc / pc) + mc * math.log(mc / qc)) / 5
+    assert 0 < js < 1  # inside the clamp, so the value tests the formula
+    assert float(js_competition(t, s, temp)) == pytest.approx(1 - js, rel=1e-9)
+    assert float(js_competition(t, t, temp)) == pytest.approx(1.0, abs=1e-9)
+    # Confident, opposite predictions: JS' passes 1, the clamp binds and the term (and its gradient) is zero.
+    far_t = torch.tensor([[30.0, 0.0]], requires_grad=True)
+    far = js_competition(far_t, torch.tensor([[0.0, 30.0]]), 1.0)
+    far.backward()
+    assert float(far.detach()) == 0.0 and float(far_t.grad.abs().sum()) == 0.0
 
 
 def test_intra_class_divergence_matches_pair_loop():

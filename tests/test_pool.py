@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.pool import ImagePool
+from image_pool import ImagePool
 
 
 def test_batches_have_the_batch_size_and_cover_every_image_each_epoch():

@@ -9,7 +9,7 @@ from shared.batch_contract import BatchContract
 from shared.config import PRESETS, Settings
 from shared.teacher import teacher_from_arch
 from shared.wire import SynthesisRecord, WireBatch
-from trainer.main import run_training
+from trainer.training import run_training
 from trainer.store import SyntheticStore
 
 # The teacher each preset is written for: architecture, classes, channels, input size.

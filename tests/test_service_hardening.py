@@ -15,7 +15,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from synth_service.app import create_app
-from synth_service.threaded_server import LiveServer, free_port
+from live_server import LiveServer, free_port
 from test_service_http import settings_for
 
 TOKEN = "hardening-token"

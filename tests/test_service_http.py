@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from synth_service.threaded_server import LiveServer, free_port
+from live_server import LiveServer, free_port
 from synth_service.app import create_app
 
 FAST_SYNTH = {"iterations": 20, "batch_size": 64}

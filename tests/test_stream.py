@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from shared.config import StreamConfig
-from shared.redis_server import RedisServer, free_loopback_port
+from dfkd.redis_server import RedisServer, free_loopback_port
 from shared.stream import (StreamProducer, StreamUnavailableError, backlog_from_group_info, connect_redis,
                            count_undelivered)
 from shared.wire import BatchCodec, decode_header

@@ -65,3 +65,16 @@ def test_pretrained_without_network_fails_clearly(tmp_path):
     assert run.returncode == 2
     assert "could not fetch timm's pretrained weights for 'resnet18'" in run.stderr
     assert "--weights" in run.stderr and not any(tmp_path.iterdir())
+
+
+def test_import_local_weights_takes_the_timm_pretrained_cfg(tmp_path):
+    from shared.teacher_import import import_teacher
+
+    save_weights(create_model("tf_efficientnet_lite0", num_classes=10), tmp_path / "w.safetensors")
+    card_path = import_teacher("tf_efficientnet_lite0", tmp_path / "out", "lite", weights=tmp_path / "w.safetensors",
+                               num_classes=10)
+    card = load_teacher(card_path).card
+    assert (card.mean, card.std, card.image_size, card.interpolation) == ((0.5,) * 3, (0.5,) * 3, 224, "bicubic")
+    card_path = import_teacher("tf_efficientnet_lite0", tmp_path / "out", "lite96", weights=tmp_path / "w.safetensors",
+                               num_classes=10, image_size=96)
+    assert load_teacher(card_path).card.image_size == 96

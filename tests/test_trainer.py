@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from shared.config import DearKDConfig, StudentConfig, TrainConfig
+from shared.models import create_model
 from shared.wire import SynthesisRecord, WireBatch
 from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.engine import DearKDTrainer
@@ -120,3 +121,26 @@ def test_sigkill_resumes_at_the_same_stage_and_step(digits_teacher, teacher_dir,
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["step"] == 400 and summary["eval_top1"] is not None
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def grad_norm(trainer: DearKDTrainer) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()
+                                                       if p.grad is not None])))
+
+
+@pytest.mark.parametrize("clip", [None, 0.01, 5.0])
+def test_gradient_clipping_follows_the_config(clip):
+    assert TrainConfig().clip_grad_norm == 5.0
+
+    def one_step(clip_grad_norm: float | None) -> DearKDTrainer:
+        torch.manual_seed(0)
+        teacher = create_model("digits_cnn", num_classes=10, in_chans=1)  # any teacher gives gradients to clip
+        trainer = DearKDTrainer(TINY, DearKDConfig(feature_pairs=[(1, 1)]),
+                                TrainConfig(steps=4, clip_grad_norm=clip_grad_norm), teacher)
+        torch.manual_seed(1)
+        trainer.train_step(*next(batches(1)))  # the gradients stay on the parameters until the next step
+        return trainer
+
+    raw = grad_norm(one_step(None))
+    assert raw > 0.01
+    assert grad_norm(one_step(clip)) == pytest.approx(raw if clip is None else min(raw, clip), rel=1e-4)

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import StreamConfig
 from shared.stream import StreamProducer
-from synth_service.threaded_server import free_port
+from live_server import free_port
 
 from helpers import publish
 

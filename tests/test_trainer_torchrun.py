@@ -1,5 +1,5 @@
 """The trainer under torchrun (2 CPU ranks, gloo): each rank consumes its own share of one stream, and the ranks
-take identical optimisation steps."""
+take identical optimisation steps; DDP's step equals one process's on the ranks' batches together."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from shared.config import StreamConfig
+from shared.config import DearKDConfig, StreamConfig, StudentConfig, TrainConfig
+from shared.models import create_model
 from shared.stream import StreamProducer
+from trainer.engine import DearKDTrainer
 from trainer.store import SyntheticStore
 
 from helpers import publish
@@ -77,3 +82,66 @@ def test_two_ranks_share_the_stream_and_stay_in_sync(digits_teacher, teacher_dir
                            capture_output=True, text=True, timeout=300)
     assert again.returncode != 0
     assert "checkpoints are at different steps [30, 20]" in again.stderr, again.stderr[-3000:]
+
+
+# No dropout or drop-path: the ranks and the single process must see the same network.
+EXACT = StudentConfig(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2,
+                      mlp_ratio=1.0, mhca_blocks=1, mhca_dropout=0.0, drop_path=0.0)
+
+
+def make_trainer(dearkd: DearKDConfig, steps: int, distributed: bool) -> DearKDTrainer:
+    torch.manual_seed(0)
+    teacher = create_model("digits_cnn", num_classes=10, in_chans=1)
+    return DearKDTrainer(EXACT, dearkd, TrainConfig(steps=steps, warmup_steps=0, lr=1e-3), teacher,
+                         distributed=distributed)
+
+
+def ddp_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(steps)]
+
+
+def ddp_worker(rank: int, out: str, dearkd: DearKDConfig, steps: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    try:
+        trainer = make_trainer(dearkd, steps, distributed=True)
+        if rank == 1:  # a different start: DDP must begin every rank from rank 0's weights
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.add_(1.0)
+        for x, y in ddp_batches(steps):
+            trainer.train_step(x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8])  # each rank half the batch
+        torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(tmp_path, dearkd: DearKDConfig, steps: int) -> list[dict[str, torch.Tensor]]:
+    mp.spawn(ddp_worker, args=(str(tmp_path), dearkd, steps), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+def test_ddp_step_equals_one_process_on_the_whole_batch(tmp_path):
+    # No feature term: BatchNorm and the teacher-map standardisation see the batch, so only without them is a
+    # step on two halves the same as a step on the whole.
+    dearkd = DearKDConfig(beta=0.0, stage1_fraction=0.5)
+    ranks = run_ddp(tmp_path, dearkd, steps=4)  # 2 steps of each stage
+    single = make_trainer(dearkd, 4, distributed=False)
+    for x, y in ddp_batches(4):
+        single.train_step(x, y)
+    expected = single.model.state_dict()
+    assert ranks[0].keys() == ranks[1].keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], value, atol=1e-5), name
+
+
+def test_ddp_trains_through_the_stage_switch_with_idle_aligners(tmp_path):
+    # Stage 2 leaves the aligners without gradients: DDP must not wait for them, and the state stays shared.
+    dearkd = DearKDConfig(beta=1.0, feature_pairs=[(1, 1), (2, 2)], stage1_fraction=0.5)
+    ranks = run_ddp(tmp_path, dearkd, steps=6)
+    keys = make_trainer(dearkd, 6, distributed=False).model.state_dict().keys()
+    assert ranks[0].keys() == keys and any(k.startswith("aligners.") for k in keys)  # checkpoint keys unchanged
+    for name in keys:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.redis_server import free_loopback_port
+from dfkd.redis_server import free_loopback_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""Data-parallel training under `torchrun`: every rank consumes its own share of the stream, gradients are averaged.
+"""Data-parallel training under `torchrun`: every rank consumes its own share of the stream, and DDP (wrapped in
+trainer/engine.py) averages the gradients.
 
 Each rank is a consumer in the same group with its own store and checkpoint folder; rank 0 evaluates, serves the
 metrics and writes the final student. Without torchrun's environment this is a no-op (world size 1).
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from shared.errors import DfkdError
 
@@ -61,36 +61,6 @@ class DistributedContext:
 
     def rank_name(self, name: str) -> str:
         return f"{name}-r{self.rank}" if self.enabled else name
-
-    def broadcast_parameters(self, module: nn.Module) -> None:
-        """Start every rank from rank 0's weights."""
-        if self.enabled:
-            for tensor in module.state_dict().values():
-                dist.broadcast(tensor, src=0)
-
-    def sync_step(self, model: nn.Module) -> None:
-        """After backward: average the gradients and, as DDP does, give every rank rank 0's buffers (BN running
-        statistics), so all ranks hold identical state after the optimizer step."""
-        if not self.enabled:
-            return
-        self.average_gradients(model.parameters())
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-    def average_gradients(self, parameters) -> None:
-        """One all-reduce over every gradient (a missing one counts as zero), so all ranks take the same step."""
-        params = [p for p in parameters if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
 
     def check_same_step(self, step: int) -> None:
         """Resumed ranks must agree on the step, or they would wait on each other's collectives forever."""

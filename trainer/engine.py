@@ -1,15 +1,16 @@
 """DearKDTrainer: one optimisation step at a time, stage 1 (teacher logits + early features) then stage 2 (labels)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from shared.config import DearKDConfig, StudentConfig, TrainConfig
 from trainer.aligner import aligner_key, build_aligners, feature_loss, normalize_teacher_map, teacher_stage_outputs
 from trainer.losses import stage1_loss, stage2_loss
-from trainer.schedule import lr_at, stage1_steps, stage_at
+from trainer.schedule import stage1_steps, stage_at, student_lr
 from trainer.student import block_outputs, create_student
 
 
@@ -27,10 +28,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.precision` on `device`; None: plain fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+class StudentAndAligners(nn.Module):
+    """Everything that learns, as one module, so that one state dict, one optimizer and one DDP wrapper cover it.
+    Its children keep the names of the ModuleDict it replaced, so checkpoint keys are unchanged."""
+
+    def __init__(self, student: nn.Module, aligners: nn.ModuleDict, pairs: list[tuple[int, int]]):
+        super().__init__()
+        self.student, self.aligners = student, aligners
+        self.pairs = pairs
+        self.blocks = sorted({b for _, b in pairs})
+
+    def forward(self, x: torch.Tensor, features: bool = True,
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(cls_logits, dist_logits, one aligned map per pair); stage 2 (`features` off) skips the aligners."""
+        if not features:
+            cls_logits, dist_logits = self.student(x)
+            return cls_logits, dist_logits, []
+        blocks, (cls_logits, dist_logits) = block_outputs(self.student, x, self.blocks)
+        return cls_logits, dist_logits, [self.aligners[aligner_key(s, b)](blocks[b]) for s, b in self.pairs]
+
+
 class DearKDTrainer:
     def __init__(self, student_cfg: StudentConfig, dearkd: DearKDConfig, train: TrainConfig,
-                 teacher: nn.Module | None, device: torch.device | str = "cpu",
-                 sync_step: Callable[[nn.Module], None] | None = None):
+                 teacher: nn.Module | None, device: torch.device | str = "cpu", distributed: bool = False):
         self.device = torch.device(device)
         self.student_cfg, self.dearkd, self.train_cfg = student_cfg, dearkd, train
         self.grid = (student_cfg.img_size // student_cfg.patch_size,) * 2
@@ -46,11 +73,16 @@ class DearKDTrainer:
         self.teacher_calls = 0  # counted from here on: the aligners' dry run above is not training
         if self.teacher is not None:
             self.teacher.register_forward_pre_hook(self._count_teacher_call)
-        # One module so that one state dict (and one optimizer) covers everything that learns.
-        self.model = nn.ModuleDict({"student": self.student, "aligners": self.aligners})
+        self.model = StudentAndAligners(self.student, self.aligners, self.pairs)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, train.weight_decay), lr=train.lr)
         self.step = 0
-        self.sync_step = sync_step  # data-parallel: make the ranks agree before clipping and stepping
+        self.amp_dtype = autocast_dtype(train.precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.distributed = distributed  # data-parallel under torchrun: the process group is already up
+        self._ddp: DistributedDataParallel | None = None
+        self._ddp_stage = 0
 
     def _count_teacher_call(self, module: nn.Module, args: Any) -> None:
         self.teacher_calls += 1
@@ -59,30 +91,51 @@ class DearKDTrainer:
     def stage(self) -> int:
         return stage_at(self.step, self.train_cfg.steps, self.dearkd.stage1_fraction)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float | torch.Tensor]:
-        """One step on normalised images `x` and labels `y`; returns detached loss terms (no host sync)."""
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
+
+    def _forward_module(self, stage: int) -> nn.Module:
+        """The model, or under data parallelism its DDP wrapper for this stage (built on the stage's first step,
+        together on every rank, which start from rank 0's weights and buffers)."""
+        if not self.distributed:
+            return self.model
+        if self._ddp_stage != stage:
+            self._ddp = None  # the previous stage's gradient buckets go first
+            # Stage 2 leaves the aligners without gradients, and DDP must be told to expect that.
+            unused = stage == 2 and len(self.aligners) > 0
+            self._ddp = DistributedDataParallel(self.model, find_unused_parameters=unused)
+            self._ddp_stage = stage
+        return self._ddp
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int | torch.Tensor]:
+        """One step on normalised images `x` and labels `y`; returns the stage and detached loss tensors (no host
+        sync: converting them is the caller's choice, and costs one)."""
         cfg = self.train_cfg
         stage = self.stage
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
+            group["lr"] = student_lr(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr)
         self.model.train()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        forward = self._forward_module(stage)
+        with self._autocast():
+            if stage == 1:
+                with torch.no_grad():
+                    teacher_maps, teacher_logits = teacher_stage_outputs(self.teacher, x,
+                                                                         sorted({s for s, _ in self.pairs}))
+            cls_logits, dist_logits, aligned = forward(x, stage == 1)
+        # Losses in fp32: softmax, KL and MSE over bf16 values would round the small terms away.
+        cls_logits, dist_logits = cls_logits.float(), dist_logits.float()
         if stage == 1:
-            stages = sorted({s for s, _ in self.pairs})
-            with torch.no_grad():
-                teacher_maps, teacher_logits = teacher_stage_outputs(self.teacher, x, stages)
-            blocks, (cls_logits, dist_logits) = block_outputs(self.student, x, sorted({b for _, b in self.pairs}))
-            feats = [feature_loss(self.aligners[aligner_key(s, b)](blocks[b]),
-                                  normalize_teacher_map(teacher_maps[s], self.grid)) for s, b in self.pairs]
-            loss, terms = stage1_loss(cls_logits, dist_logits, y, teacher_logits, feats, self.dearkd)
+            feats = [feature_loss(a, normalize_teacher_map(teacher_maps[s].float(), self.grid))
+                     for a, (s, _) in zip(aligned, self.pairs)]
+            loss, terms = stage1_loss(cls_logits, dist_logits, y, teacher_logits.float(), feats, self.dearkd)
         else:
-            cls_logits, dist_logits = self.student(x)
             loss, terms = stage2_loss(cls_logits, dist_logits, y, self.dearkd)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.sync_step is not None:
-            self.sync_step(self.model)
-        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        loss.backward()  # under DDP, the gradients are averaged over the ranks here
+        if cfg.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
         self.optimizer.step()
         self.step += 1
         return {"loss": loss.detach(), "stage": stage, **terms}
@@ -93,8 +146,9 @@ class DearKDTrainer:
         self.model.eval()
         out = []
         for i in range(0, len(x), batch_size):
-            _, (cls_logits, dist_logits) = block_outputs(self.student, x[i:i + batch_size].to(self.device), [])
-            out.append(((cls_logits.softmax(1) + dist_logits.softmax(1)) / 2).cpu())
+            with self._autocast():
+                _, (cls_logits, dist_logits) = block_outputs(self.student, x[i:i + batch_size].to(self.device), [])
+            out.append(((cls_logits.float().softmax(1) + dist_logits.float().softmax(1)) / 2).cpu())
         return torch.cat(out)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> float:

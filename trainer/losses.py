@@ -11,14 +11,22 @@ from shared.config import DearKDConfig
 
 
 def distillation_token_loss(dist_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str,
-                            temperature: float) -> torch.Tensor:
-    """DeiT's distillation-token term: hard = CE to the teacher's argmax; soft = KL at T, scaled by T^2."""
+                            temperature: float, reduction: str = "deit") -> torch.Tensor:
+    """DeiT's distillation-token term: hard = CE to the teacher's argmax; soft = KL at T, scaled by T^2.
+
+    Soft `reduction`: "deit" divides the summed KL by batch x classes, as DeiT does; "batchmean" by the batch only,
+    which is `classes` times larger (a weight tuned for one is off by that factor for the other)."""
     if kind == "hard":
         return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
     if kind == "soft":
         log_p_s = F.log_softmax(dist_logits / temperature, dim=1)
         log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature ** 2
+        kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) * temperature ** 2
+        if reduction == "deit":
+            return kl / dist_logits.numel()
+        if reduction == "batchmean":
+            return kl / dist_logits.shape[0]
+        raise ValueError(f"unknown soft KD reduction {reduction!r}: 'deit' or 'batchmean'")
     raise ValueError(f"unknown KD kind {kind!r}: 'hard' or 'soft'")
 
 
@@ -27,7 +35,7 @@ def stage1_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: tor
                 cfg: DearKDConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(1-a)·CE_ls(cls, y) + a·KD(dist, T) + b·sum of the aligned early-feature MSEs."""
     ce = F.cross_entropy(cls_logits, labels, label_smoothing=cfg.label_smoothing)
-    kd = distillation_token_loss(dist_logits, teacher_logits, cfg.kd, cfg.temperature)
+    kd = distillation_token_loss(dist_logits, teacher_logits, cfg.kd, cfg.temperature, cfg.soft_kd_reduction)
     feat = torch.stack(feature_terms).sum() if feature_terms else cls_logits.new_zeros(())
     total = (1 - cfg.alpha) * ce + cfg.alpha * kd + cfg.beta * feat
     return total, {"ce": ce.detach(), "kd": kd.detach(), "feature": feat.detach()}

@@ -1,6 +1,9 @@
 """Prometheus metrics of the trainer (docs/architecture.md §7), served on `train.metrics_port` when set."""
 from __future__ import annotations
 
+import time
+
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 PREFIX = "dfkd_trainer"
@@ -13,7 +16,8 @@ class TrainerMetrics:
         self.steps = Counter(f"{PREFIX}_steps", "Optimisation steps", registry=r)
         self.step_duration = Histogram(f"{PREFIX}_step_duration_seconds", "Wall time between steps",
                                        buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
-        self.loss = Gauge(f"{PREFIX}_loss", "Loss terms of the last step", ["term"], registry=r)
+        self.loss = Gauge(f"{PREFIX}_loss", "Loss terms at the last logged step (every train.log_every)", ["term"],
+                          registry=r)
         self.stage = Gauge(f"{PREFIX}_stage", "DearKD stage (1: distillation, 2: labels only)", registry=r)
         self.eval_top1 = Gauge(f"{PREFIX}_eval_top1", "Top-1 on the held-out real set", registry=r)
         self.store_batches = Gauge(f"{PREFIX}_store_batches", "Batches in the durable store", registry=r)
@@ -38,8 +42,7 @@ class TrainerMetrics:
         self.conflicts.inc(result.conflicts)
 
     def step(self, terms: dict, images: int, store) -> None:
-        import time
-
+        """Per-step counters, from host values only: the loss tensors are left alone (see `losses`)."""
         now = time.perf_counter()
         if self._last_step is not None:
             self.step_duration.observe(now - self._last_step)
@@ -47,10 +50,18 @@ class TrainerMetrics:
         self.images.inc(images)
         self.steps.inc()
         self.stage.set(terms["stage"])
-        for k, v in terms.items():
-            if k != "stage":
-                self.loss.labels(k).set(float(v))
         self.store_batches.set(len(store))
+
+    def losses(self, terms: dict) -> dict[str, float]:
+        """The loss terms as floats, also set on the gauges. Reading a device tensor waits for the device to finish
+        the step, so this takes one copy for all terms and is called every `train.log_every` steps, not every step."""
+        names = [k for k in terms if k != "stage"]
+        if not names:
+            return {}
+        values = dict(zip(names, torch.stack([torch.as_tensor(terms[k]).float() for k in names]).tolist()))
+        for k, v in values.items():
+            self.loss.labels(k).set(v)
+        return values
 
     def starve(self, seconds: float) -> None:
         self.starved_total += seconds

@@ -13,7 +13,7 @@ def stage_at(step: int, total_steps: int, stage1_fraction: float) -> int:
     return 1 if step < stage1_steps(total_steps, stage1_fraction) else 2
 
 
-def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
+def student_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
     """Linear warm-up to base_lr, then cosine to min_lr over the remaining steps (one curve for both stages)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps

@@ -11,6 +11,8 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Union
 
 import torch
 
+from trainer.augment import to_device
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 SyntheticSampleFn = Callable[[int], Batch]
 RealSource = Union[Iterator[Batch], Iterable[Batch], Callable[[], Iterator[Batch]]]
@@ -72,12 +74,13 @@ class MixInSampler:
             raise ValueError(f"synthetic images are {tuple(parts[0][0].shape[1:])} but real ones are "
                              f"{tuple(parts[1][0].shape[1:])}; give the reader the teacher's in_chans and image_size")
         device = parts[0][0].device  # the synthetic side's device when there is one (it is usually the GPU)
-        images = torch.cat([x.to(device, non_blocking=True) for x, _ in parts])
-        labels = torch.cat([y.to(device, non_blocking=True).long() for _, y in parts])
-        source = torch.cat([torch.full((n_syn,), SYNTHETIC, dtype=torch.long),
-                            torch.full((n_real,), REAL, dtype=torch.long)]).to(device)
+        # Host-to-GPU copies go through pinned memory: a pageable one would make the host wait for the GPU.
+        images = torch.cat([to_device(x, device) for x, _ in parts])
+        labels = torch.cat([to_device(y, device).long() for _, y in parts])
+        source = torch.cat([torch.full((n_syn,), SYNTHETIC, dtype=torch.long, device=device),
+                            torch.full((n_real,), REAL, dtype=torch.long, device=device)])
         if self.shuffle:
-            perm = torch.randperm(self.batch_size, generator=self._gen).to(device)
+            perm = to_device(torch.randperm(self.batch_size, generator=self._gen), device)
             images, labels, source = images[perm], labels[perm], source[perm]
         self.step += 1
         self.real_seen += n_real

@@ -11,15 +11,15 @@ import torch
 from shared.batch_contract import BatchContract
 from shared.config import Settings, resolve_device
 from shared.stream import connect_redis
-from shared.teacher import Teacher, TeacherCard
+from shared.teacher import Teacher
 from shared.weights import save_weights
 from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.consumer import StreamConsumer
 from trainer.distributed import DistributedContext
 from trainer.engine import DearKDTrainer
 from trainer.metrics import TrainerMetrics
-from trainer.mixin import MixInSampler
-from trainer.pool import augment_normalize
+from trainer.mixing import MixInSampler
+from trainer.augment import Augment, to_device
 from trainer.store import FreshFirstSampler, SyntheticStore
 
 
@@ -54,10 +54,10 @@ class StreamFeeder:
                 self._stop.wait(1.0)
 
 
-def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, card: TeacherCard, settings: Settings,
-                      metrics: TrainerMetrics, log: Callable[[str], None], seed: int):
+def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, augment: Augment, metrics: TrainerMetrics,
+                      log: Callable[[str], None], seed: int):
+    """`sample(n)`: n images from the store, augmented and normalised on `augment.device`, with their labels."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = settings.train
 
     def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.monotonic()
@@ -68,10 +68,12 @@ def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, card: T
             time.sleep(0.2)
             polls += 1
         metrics.starve(time.monotonic() - started if polls else 0.0)
+        # Take only the n used: a full batch would move the fresh cursor past images never trained on.
+        sampler.batch_size = n
         s = sampler.sample()
-        images = torch.from_numpy(s.images[:n])
-        x = augment_normalize(images, card.mean, card.std, cfg.crop_padding, cfg.flip, gen)
-        return x, torch.from_numpy(s.labels[:n]).long()
+        # On the host only the gather; the copy is pinned and asynchronous, the pixel work on the device.
+        x = augment(torch.from_numpy(s.images), gen)
+        return x, to_device(torch.from_numpy(s.labels).long(), augment.device)
 
     return sample
 
@@ -134,13 +136,13 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
                                in_chans=card.in_chans, device=pipeline_device(str(device)), seed=seed,
                                flip=cfg.flip)
 
-    synthetic = (_synthetic_source(store, sampler, card, settings, metrics, log, seed)
-                 if cfg.real_fraction < 1 else None)
+    synthetic = (_synthetic_source(store, sampler, Augment(card.mean, card.std, cfg.crop_padding, cfg.flip, device),
+                                   metrics, log, seed) if cfg.real_fraction < 1 else None)
     mix = MixInSampler(real_reader if cfg.real_fraction > 0 else None, synthetic, cfg.real_fraction, cfg.batch_size,
                        seed=seed)
     trainer = DearKDTrainer(student, settings.dearkd, cfg,
                             teacher.model if settings.dearkd.stage1_fraction > 0 else None, device,
-                            sync_step=ctx.sync_step if ctx.enabled else None)
+                            distributed=ctx.enabled)
 
     checkpoint = find_checkpoint(out)
     if checkpoint is not None:
@@ -149,8 +151,7 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
         sampler.load_state_dict(state["sampler"])
         mix.step, mix.real_seen, mix.synthetic_seen = state["mix"]
         log(f"resumed from {checkpoint} at step {trainer.step}, stage {trainer.stage}")
-    ctx.check_same_step(trainer.step)
-    ctx.broadcast_parameters(trainer.model)  # a fresh start: every rank from rank 0's initialisation
+    ctx.check_same_step(trainer.step)  # DDP then starts every rank from rank 0's weights
 
     def save() -> None:
         save_checkpoint(out, trainer.model, trainer.optimizer, {
@@ -177,8 +178,9 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
             window_images += len(batch.labels)
             metrics.step(terms, len(batch.labels), store)
             if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
+                # The loop's one host sync, here rather than every step: the device runs ahead in between.
+                losses = " ".join(f"{k} {v:.4f}" for k, v in metrics.losses(terms).items())
                 rate = window_images / max(1e-9, time.perf_counter() - window_start)
-                losses = " ".join(f"{k} {float(v):.4f}" for k, v in terms.items() if k != "stage")
                 log(f"step {trainer.step}/{cfg.steps} stage {terms['stage']} {losses} {rate:.0f} img/s "
                     f"starved {metrics.starved_seconds():.1f}s store {len(store)} batches "
                     f"real {mix.real_seen} synthetic {mix.synthetic_seen}")

@@ -1,16 +1,16 @@
-"""Batches from an in-memory pool of uint8 images: random crop (+ flip), then the teacher's normalisation."""
+"""A fixed in-memory pool of uint8 images as augmented, normalised batches: the trainer's augmentation without the
+store or the stream (tests and benches)."""
 from __future__ import annotations
 
 import torch
 
-from trainer.teacher_train import random_crop_flip
+from trainer.augment import Augment
 
 
 def augment_normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], crop_padding: int,
                       flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> random crop (+ flip) -> normalised float."""
-    x = random_crop_flip(images.float() / 255.0, crop_padding, flip, gen)
-    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    """Augment on the images' own device."""
+    return Augment(mean, std, crop_padding, flip, images.device)(images, gen)
 
 
 class ImagePool:
@@ -23,6 +23,7 @@ class ImagePool:
         self.images, self.labels = images, labels.long()
         self.mean, self.std = mean, std
         self.batch_size, self.crop_padding, self.flip = batch_size, crop_padding, flip
+        self.augment = Augment(mean, std, crop_padding, flip, images.device)
         self.gen = torch.Generator().manual_seed(seed)
         self._order = torch.randperm(len(images), generator=self.gen)
         self._cursor = 0
@@ -41,5 +42,4 @@ class ImagePool:
             self._cursor += take
             count += take
         idx_t = torch.cat(parts)
-        x = augment_normalize(self.images[idx_t], self.mean, self.std, self.crop_padding, self.flip, self.gen)
-        return x, self.labels[idx_t]
+        return self.augment(self.images[idx_t], self.gen), self.labels[idx_t]

@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared.errors import DfkdError
-from shared.processes import die_with_parent
+from dfkd.processes import die_with_parent
 
 
 class RedisServerError(DfkdError, RuntimeError):

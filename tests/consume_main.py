@@ -1,7 +1,7 @@
-"""Run a StreamConsumer on its own: `python -m trainer.consume_main --redis-url URL --run RUN --store DIR --consumer NAME`.
+"""Run a StreamConsumer on its own: `python tests/consume_main.py --redis-url URL --run RUN --store DIR --consumer NAME`.
 
 Polls the stream into the store (and runs the janitor now and then) until the store holds --until batches, or
-forever. The full trainer embeds StreamConsumer instead; this is for operations and the crash tests.
+forever. The trainer embeds StreamConsumer; this runs it in a process of its own for the crash tests.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from trainer.store import SyntheticStore
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.consume_main", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="consume_main.py", description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--run", required=True, help="stream keys are dfkd:{run}:*")
     parser.add_argument("--group", default="trainers")

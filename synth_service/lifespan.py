@@ -1,0 +1,63 @@
+"""What the routes work with (teacher, engine, batcher, jobs, production), started with the app and stopped with it."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+
+from shared.config import Settings, resolve_device
+from shared.errors import DfkdError
+from shared.teacher import Teacher, TeacherCard, load_teacher
+from synth_service.batcher import Batcher
+from synth_service.engine import InversionEngine
+from synth_service.jobs import JobManager
+from synth_service.metrics import SynthMetrics
+from synth_service.production import ProductionController
+
+
+@dataclass
+class Service:
+    settings: Settings
+    teacher: Teacher
+    engine: InversionEngine
+    batcher: Batcher
+    jobs: JobManager
+    production: ProductionController
+    metrics: SynthMetrics
+
+
+def job_bytes_per_image(card: TeacherCard) -> int:
+    """A finished job's memory per image: uint8 pixels, fp32 logits, and the per-image label and teacher figures."""
+    return card.in_chans * card.image_size ** 2 + 4 * card.num_classes + 24
+
+
+def service_lifespan(settings: Settings, teacher: Teacher | None):
+    """Loads the teacher and starts the workers when the server starts (not when the app is built, so building one
+    for its OpenAPI document costs nothing); stops them on shutdown."""
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if teacher is None and settings.teacher is None:
+            raise DfkdError("no teacher: set `teacher` (a card path) in the config or DFKD_TEACHER")
+        cfg = settings.service
+        metrics: SynthMetrics = app.state.metrics
+        t = teacher or load_teacher(settings.teacher)
+        engine = InversionEngine(t, settings.synth, device=resolve_device(settings.device))
+        production = ProductionController(settings, t.card, metrics)
+        batcher = Batcher(engine, metrics, cfg.max_batch or settings.synth.batch_size, cfg.max_wait_ms / 1000,
+                          cfg.max_queue_images, fill=production.fill_source())
+        production.on_capacity = batcher.wake
+        batcher.start()
+        production.start()
+        jobs = JobManager(batcher, cfg.job_retention, cfg.job_ttl_s, t.card.class_names,
+                          retention_bytes=cfg.job_retention_bytes, bytes_per_image=job_bytes_per_image(t.card))
+        app.state.service = Service(settings, t, engine, batcher, jobs, production, metrics)
+        try:
+            yield
+        finally:
+            await jobs.shutdown()
+            production.stop()
+            batcher.stop()
+            engine.close()
+
+    return lifespan
