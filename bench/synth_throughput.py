@@ -3,6 +3,7 @@
 On CUDA it also reports FLOPs per image-iteration and the share of the device's dense bf16 peak.
 The last line printed is one JSON object with everything measured.
 
+    python bench/synth_throughput.py      # the digits teacher (trained on first use), batch 64, 200 iterations
     python bench/synth_throughput.py --teacher resnet50 --resolution 224 --batch 128 --iterations 200 --amp bf16
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
 from shared.config import SynthConfig, resolve_device  # noqa: E402
-from shared.teacher import resolve_teacher  # noqa: E402
 from synth_service.engine import InversionEngine  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched on the device name.
@@ -68,7 +69,7 @@ def timed_run(engine: InversionEngine, labels: list[int]):
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default="resnet18", help="teacher card (JSON) or model name (random weights)")
+    p.add_argument("--teacher", help=TEACHER_HELP + "; a model name gets random weights")
     p.add_argument("--resolution", type=int, help="default: the teacher's image size")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--iterations", type=int, default=200)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
-    teacher = resolve_teacher(args.teacher)
+    teacher = bench_teacher(args.teacher)
     if args.resolution:
         teacher.card.image_size = args.resolution
     card = teacher.card

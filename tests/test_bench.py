@@ -78,7 +78,7 @@ def test_a_bench_on_a_clean_checkout_trains_the_digits_teacher_it_needs(tmp_path
     assert (tmp_path / "runs" / "teachers" / "digits_cnn.json").is_file()
 
 
-@pytest.mark.parametrize("bench", ["dearkd_ablation", "http_coalescing", "trainer_throughput"])
+@pytest.mark.parametrize("bench", ["dearkd_ablation", "http_coalescing", "synth_throughput", "trainer_throughput"])
 def test_a_bench_names_a_missing_teacher_in_one_line(bench, tmp_path):
     missing = tmp_path / "no_such_teacher.json"
     res = subprocess.run([sys.executable, str(REPO / "bench" / f"{bench}.py"), "--teacher", str(missing)],
