@@ -386,12 +386,14 @@ class FreshFirstSampler:
         self._cache: OrderedDict[str, StoredBatch] = OrderedDict()
         self._cache_batches = cache_batches
 
-    def sample(self) -> Sample:
+    def sample(self, count: int | None = None) -> Sample:
+        """`count` images (default: `batch_size`): fresh ones first, the rest replayed."""
         ids = self.store.batch_ids()
         if not ids:
             raise LookupError(f"the store at {self.store.root} is empty: nothing to sample yet")
         picks: list[tuple[str, np.ndarray]] = []
-        need = self.batch_size
+        total = self.batch_size if count is None else count
+        need = total
         while need and self._cursor < len(ids):
             batch_id = ids[self._cursor]
             count = self.store.image_count(batch_id)
@@ -401,7 +403,7 @@ class FreshFirstSampler:
             self._offset += take
             if self._offset == count:
                 self._cursor, self._offset = self._cursor + 1, 0
-        n_fresh = self.batch_size - need
+        n_fresh = total - need
         if need:
             picks += self._replay(ids, need)
         return self._gather(picks, n_fresh)

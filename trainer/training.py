@@ -69,8 +69,7 @@ def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, augment
             polls += 1
         metrics.starve(time.monotonic() - started if polls else 0.0)
         # Take only the n used: a full batch would move the fresh cursor past images never trained on.
-        sampler.batch_size = n
-        s = sampler.sample()
+        s = sampler.sample(n)
         # On the host only the gather; the copy is pinned and asynchronous, the pixel work on the device.
         x = augment(torch.from_numpy(s.images), gen)
         return x, to_device(torch.from_numpy(s.labels).long(), augment.device)
