@@ -21,7 +21,7 @@ from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E40
 from bench.synth_throughput import git_commit  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.data.digits import load_digits_split  # noqa: E402
-from synth_service.engine import InversionEngine  # noqa: E402
+from synth_service.synthesizer import create_synthesizer  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
 from trainer.engine import DearKDTrainer  # noqa: E402
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = bench_teacher(args.teacher)
     card = teacher.card
     started = time.perf_counter()
-    with InversionEngine(teacher, base.synth) as engine:
+    with create_synthesizer(teacher, base.synth) as engine:
         pool = engine.synthesize_classes(list(range(card.num_classes)), args.per_class, seed=0)
     synth_seconds = time.perf_counter() - started
     split = load_digits_split(base.data.digits_size)

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from shared.config import Settings, resolve_device  # noqa: E402
+from shared.models.dearkd_student import create_student  # noqa: E402
 from trainer.engine import DearKDTrainer, autocast_dtype  # noqa: E402
 from trainer.metrics import TrainerMetrics  # noqa: E402
-from trainer.student import create_student  # noqa: E402
 
 FAR = 10**9  # a run this long stays in stage 1; step FAR - 1 is in stage 2
 

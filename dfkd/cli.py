@@ -67,11 +67,12 @@ def run_synthesis(s, teacher, classes: list[int], per_class: int, out_dir: Path,
     from tqdm import tqdm
 
     from shared.config import resolve_device
-    from synth_service.engine import InversionEngine
     from synth_service.report import write_outputs
+    from synth_service.synthesizer import create_synthesizer
 
     device = resolve_device(s.device)
-    with InversionEngine(teacher, s.synth, device=device, student=student) as engine:
+    log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    with create_synthesizer(teacher, s.synth, device=device, student=student, log=log) as engine:
         with tqdm(total=1, unit="it", desc="synth", disable=quiet, file=sys.stderr) as bar:
             def progress(step: int, total: int, terms: dict[str, float]) -> None:
                 bar.total = total
@@ -122,18 +123,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def heldout_set(card, settings):
-    """Real held-out images for evaluation, chosen by the dataset the teacher was trained on."""
-    dataset = card.recipe.get("dataset")
+    """Real held-out images (`train.eval_split`: val or test) of the dataset the teacher was trained on."""
+    dataset, split = card.recipe.get("dataset"), settings.train.eval_split
     if dataset == "digits":
         from shared.data.digits import load_digits_split
 
-        split = load_digits_split(card.image_size)
-        return split.x_test, split.y_test
+        return load_digits_split(card.image_size).images(split)
     if dataset == "cifar10":
-        from shared.data.cifar10 import load_cifar10_split
+        from shared.data.cifar10 import load_cifar10_images
 
-        split = load_cifar10_split(settings.data.cifar10_dir, train_limit=1)
-        return split.x_test, split.y_test
+        return load_cifar10_images(settings.data.cifar10_dir, split)
     return None
 
 
@@ -283,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--source", help="the store folder (store) or the CIFAR-10 folder (cifar10)")
     p.add_argument("--teacher", help="teacher card, for class names (store)")
-    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--split", choices=["train", "val", "test"], default="train")
     p.add_argument("--fraction", type=float, default=1.0, help="stratified share of the split (partial data)")
     p.add_argument("--image-size", type=int, default=16, help="digits only")
     p.set_defaults(func=cmd_export)

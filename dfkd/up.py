@@ -32,8 +32,17 @@ def ensure_teacher(s: Settings, log: Callable[[str], None]) -> Path:
     """The teacher card; trained once and cached when the config has a recipe for it (the digits demo)."""
     card = Path(s.teacher) if s.teacher else s.runs_dir / "teachers" / f"{s.teacher_train.dataset}_teacher.json"
     if card.is_file():
-        log(f"teacher: {card} (cached)")
-        return card
+        from shared.teacher import TeacherCard
+        from trainer.teacher_train import SPLIT_VERSION
+
+        recipe = TeacherCard.read(card).recipe
+        stale = recipe.get("dataset") == "digits" and recipe.get("split") != SPLIT_VERSION
+        ours = card.resolve().is_relative_to(Path(s.runs_dir).resolve())
+        if not (stale and ours):
+            log(f"teacher: {card} (cached)" + (" - trained before the validation split was held out, so its "
+                                               "training images include the validation images" if stale else ""))
+            return card
+        log(f"teacher: {card} was trained on an older data split; training it again")
     if s.teacher_train.dataset != "digits":
         raise DfkdError(f"teacher card {card} not found: train one with `dfkd teacher train` or set `teacher` "
                         f"(DFKD_TEACHER) to an existing card")

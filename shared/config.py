@@ -12,11 +12,44 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 PRESETS = ("digits", "cifar10", "imagenet")
 
 
+class GeneratorConfig(BaseModel):
+    """The `generator` synthesis method: one persistent class-conditional generator, a few steps per batch."""
+
+    model_config = {"extra": "forbid"}
+
+    embedding: Literal["orthogonal", "learned"] = Field(
+        "orthogonal", description="per-class input: a fixed random orthogonal vector, or a learned embedding")
+    noise: Literal["noisy_layer", "latent"] = Field(
+        "noisy_layer", description="noisy_layer: a linear layer redrawn from N(0, 1) every loop, the only randomness; "
+                                   "latent: a fresh trainable z per batch, optimised with the generator")
+    embed_dim: int = Field(64, ge=2, le=4096, description="class-embedding size")
+    noise_dim: int = Field(128, ge=2, le=4096, description="output of the noisy layer, or the size of z")
+    width: int = Field(64, ge=4, le=1024, description="channels of the conv body (at its widest)")
+    steps: int = Field(10, ge=0, le=10_000, description="K: generator steps per batch (a loop); 0: a forward only")
+    warmup_steps: int = Field(300, ge=0, le=1_000_000, description="steps a new generator takes before its first "
+                                                                 "batch, spread over warm-up loops")
+    lr: float = Field(4e-3, gt=0, le=1)
+    latent_lr: float = Field(0.01, gt=0, le=10, description="lr of z (noise: latent)")
+    betas: tuple[float, float] = (0.5, 0.999)
+    reinit_every: int = Field(0, ge=0, description="rebuild the generator every N loops (0: never)")
+    bn_blend: float = Field(0.0, ge=0, lt=1, description="match a running blend of the batch's BN statistics with "
+                                                          "earlier batches' (momentum; 0: this batch alone)")
+    serve_steps: int | None = Field(None, ge=0, le=10_000, description="steps for HTTP requests once warm; None: "
+                                                                       "`steps`. 0 serves a generator forward only")
+    checkpoint: Path | None = Field(None, description="safetensors file of the generator's state: loaded at start "
+                                                      "(a restarted service resumes warm), saved on a schedule and "
+                                                      "at shutdown")
+    checkpoint_every: int = Field(20, ge=1, description="loops between checkpoints")
+
+
 class SynthConfig(BaseModel):
     """DeepInversion + ADI + BPID settings. Defaults follow the ImageNet reference (ResNet-50, 224 px)."""
 
     model_config = {"extra": "forbid"}
 
+    method: Literal["di", "generator"] = Field(
+        "di", description="di: per-batch pixel optimisation (DeepInversion); generator: a persistent generator "
+                          "trained against the teacher, a few steps per batch (see `synth.generator`)")
     batch_size: int = Field(152, ge=1, le=4096, description="images per engine batch")
     iterations: int = Field(2000, ge=1, le=100_000, description="steps at full resolution (no schedule)")
     resolution_schedule: list[tuple[int, int]] | None = Field(
@@ -55,6 +88,7 @@ class SynthConfig(BaseModel):
     channels_last: bool | None = Field(None, description="None: on CUDA only")
     compile: bool = False
     log_every: int = Field(50, ge=1)
+    generator: GeneratorConfig = GeneratorConfig()
     verifier: Path | None = Field(
         None, description="card (JSON) of an independent classifier, ideally another architecture, that the "
                           "losses never see; when set, the report and metrics add its top-1 agreement with the "
@@ -154,6 +188,18 @@ class StreamConfig(BaseModel):
 
     def key(self, name: str) -> str:
         return f"dfkd:{self.run}:{name}"
+
+
+class FeedbackConfig(BaseModel):
+    """The trainer's student, published to Redis (`dfkd:{run}:student`) for the service's adversarial terms."""
+
+    model_config = {"extra": "forbid"}
+
+    enabled: bool = Field(False, description="the trainer publishes its student; the service polls for it")
+    publish_every: int = Field(200, ge=1, description="trainer steps between publications (and at the stage switch)")
+    poll_s: float = Field(5.0, gt=0, le=3600, description="how often the service looks for a newer student")
+    max_bytes: int = Field(64 * 2**20, ge=1024, le=2**31, description="larger students are neither published nor "
+                                                                      "loaded")
 
 
 class ServiceConfig(BaseModel):
@@ -273,6 +319,8 @@ class TrainConfig(BaseModel):
     real_fraction: float = Field(0.0, ge=0, le=1, description="share of each batch from real_dir "
                                                               "(1.0: the partial-data setting, no synthetic data)")
     eval_every: int = Field(500, ge=1)
+    eval_split: Literal["val", "test"] = Field(
+        "test", description="real images the student is scored on: 'val' when choosing settings, 'test' to report")
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(50, ge=1)
     out_dir: Path = Path("runs/train")
@@ -300,6 +348,7 @@ class Settings(BaseSettings):
     student: StudentConfig = StudentConfig()
     dearkd: DearKDConfig = DearKDConfig()
     train: TrainConfig = TrainConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
 
     _yaml_file: ClassVar[Path | None] = None
 

@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 
 from shared.errors import DfkdError, InvalidRequestError
-from synth_service.engine import InversionEngine, SynthResult
+from synth_service.result import SynthResult
 from synth_service.labels import check_class_ids
 from synth_service.metrics import SynthMetrics
+from synth_service.synthesizer import Synthesizer
 
 # Lower runs first: synchronous HTTP requests, then job chunks; background production only fills what is left.
 PRIORITY = {"http": 0, "job": 1}
@@ -53,7 +54,9 @@ class FillSource:
 
 
 class Batcher:
-    def __init__(self, engine: InversionEngine, metrics: SynthMetrics, max_batch: int, max_wait_s: float,
+    """Works through a `Synthesizer`, whatever its method: items share a batch when their `batch_key`s match."""
+
+    def __init__(self, engine: Synthesizer, metrics: SynthMetrics, max_batch: int, max_wait_s: float,
                  max_queue_images: int, fill: FillSource | None = None):
         self.engine = engine
         self.metrics = metrics
@@ -79,6 +82,7 @@ class Batcher:
             raise InvalidRequestError(f"{len(labels)} images exceed the batch size {self.max_batch}; split them")
         # Checked here, not only by the engine: one bad id in a coalesced batch would fail every request in it.
         labels = check_class_ids(self.engine.card, labels)
+        iterations = self.engine.request_iterations(iterations)
         c = self.engine.card
         init = torch.randn(len(labels), c.in_chans, c.image_size, c.image_size,
                            generator=torch.Generator().manual_seed(seed))
@@ -129,11 +133,12 @@ class Batcher:
 
     # -- worker -----------------------------------------------------------------------------------------------------
     def _take(self, iterations: int | None, space: int, any_iterations: bool = False) -> WorkItem | None:
-        """Pop the first queued item (by priority) that fits `space` and runs at `iterations`."""
+        """Pop the first queued item (by priority) that fits `space` and may share a batch run at `iterations`."""
+        key = self.engine.batch_key(iterations)
         for dest in PRIORITY:
             q = self._queues[dest]
             for i, item in enumerate(q):
-                if len(item.labels) <= space and (any_iterations or item.iterations == iterations):
+                if len(item.labels) <= space and (any_iterations or self.engine.batch_key(item.iterations) == key):
                     del q[i]
                     self._queued_images -= len(item.labels)
                     return item
@@ -176,6 +181,7 @@ class Batcher:
         return self.fill is not None and self.fill.active()
 
     def _run(self) -> None:
+        self._warm_up()
         while True:
             collected = self._collect()
             if collected is None:
@@ -183,12 +189,22 @@ class Batcher:
             items, iterations = collected
             labels = [c for item in items for c in item.labels]
             fill_labels: list[int] = []
-            if self.fill is not None and iterations is None and len(labels) < self.max_batch:
+            if (self.fill is not None and self.engine.batch_key(iterations) == self.engine.batch_key(None)
+                    and len(labels) < self.max_batch):
                 fill_labels = self.fill.next_labels(self.max_batch - len(labels))
             if not labels and not fill_labels:
                 self._idle_wait()  # production is on but dealt nothing: block until woken, never spin
                 continue
             self._run_batch(items, iterations, fill_labels)
+
+    def _warm_up(self) -> None:
+        """A method with persistent state gets ready before the first batch; requests queue meanwhile."""
+        try:
+            seconds = self.engine.warm_up()
+        except Exception:  # the first batch retries it and fails its requests with the reason
+            return
+        self.metrics.warmup_seconds.set(seconds)
+        self.metrics.warm.set(1)
 
     def _run_batch(self, items: list[WorkItem], iterations: int | None, fill_labels: list[int]) -> None:
         batch_id = next(self._batch_ids)

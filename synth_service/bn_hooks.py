@@ -23,9 +23,15 @@ class BNStatsHooks:
 
     With a `probe` input, a dry forward keeps only the layers the forward reaches, in the order it reaches them.
     A layer called more than once per forward (a shared BatchNorm) gets the mean of its per-call distances.
+    With `blend` = m > 0, each call's batch statistics are first blended with a running average of earlier
+    forwards' (m·earlier + (1 − m)·this batch), so a small batch is pulled towards the statistics of many.
     """
 
-    def __init__(self, model: nn.Module, probe: torch.Tensor | None = None):
+    def __init__(self, model: nn.Module, probe: torch.Tensor | None = None, blend: float = 0.0):
+        if not 0.0 <= blend < 1.0:
+            raise ValueError(f"blend must be in [0, 1), got {blend}")
+        self.blend = 0.0  # the probe must not seed the running average
+        self._ema: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         layers = batchnorm_layers(model)
         self._log: list[tuple[int, torch.Tensor]] = []
         self._handles: list = []
@@ -46,6 +52,7 @@ class BNStatsHooks:
             except BaseException:
                 self.remove()
                 raise
+        self.blend = blend
 
     def _register(self, layers: list[nn.Module]) -> None:
         self.layers = layers
@@ -55,6 +62,13 @@ class BNStatsHooks:
         x = inputs[0].float()  # bf16 activations under autocast: statistics in fp32
         dims = (0,) if x.dim() == 2 else (0, *range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, correction=0)
+        if self.blend > 0:
+            key = (k, sum(j == k for j, _ in self._log))  # (layer, call) for a BatchNorm used twice
+            if key in self._ema:
+                old_mean, old_var = self._ema[key]
+                mean = self.blend * old_mean + (1 - self.blend) * mean
+                var = self.blend * old_var + (1 - self.blend) * var
+            self._ema[key] = (mean.detach(), var.detach())
         self._log.append((k, bn_statistics_distance(mean, var, module.running_mean, module.running_var)))
 
     def pop(self) -> torch.Tensor:
@@ -68,6 +82,18 @@ class BNStatsHooks:
             raise RuntimeError(f"BatchNorm layer(s) {missing} did not run in this forward; the teacher's forward "
                                "must reach the same BatchNorm layers on every call")
         return torch.stack([ds[0] if len(ds) == 1 else torch.stack(ds).mean() for ds in per_layer])
+
+    def frozen(self) -> float:
+        """Turn blending off (for a reporting forward) and return the setting for `unfreeze`."""
+        blend, self.blend = self.blend, 0.0
+        return blend
+
+    def unfreeze(self, blend: float) -> None:
+        self.blend = blend
+
+    def reset_blend(self) -> None:
+        """Forget the running average (a new generator starts from its own statistics)."""
+        self._ema.clear()
 
     def clear(self) -> None:
         """Drop what a forward that failed part-way left behind."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from synth_service.engine import SynthResult
+from synth_service.result import SynthResult
 from synth_service.report import grid_image
 
 MEDIA_TYPES = {"png": "image/png", "zip": "application/zip", "npz": "application/octet-stream"}

@@ -18,7 +18,8 @@ import torch
 from shared.errors import DfkdError, InvalidRequestError
 from synth_service.batcher import Batcher, QueueFullError
 from synth_service.encode import encode_result
-from synth_service.engine import SynthResult, plan_batches
+from synth_service.batch_plan import plan_batches
+from synth_service.result import SynthResult
 from synth_service.schemas import JobRequest, JobStatus
 
 IN_FLIGHT_CHUNKS = 2  # enough to keep the engine busy without crowding out synchronous requests
@@ -94,6 +95,7 @@ class JobManager:
         self._gone: OrderedDict[str, str] = OrderedDict()  # evicted job id -> why
 
     def create(self, request: JobRequest, iterations: int | None) -> Job:
+        self.batcher.engine.request_iterations(iterations)  # refuse a step count the method cannot run, up front
         self._evict()
         images = len(request.class_ids) * request.per_class
         projected = images * self.bytes_per_image

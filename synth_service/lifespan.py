@@ -10,21 +10,26 @@ from shared.config import Settings, resolve_device
 from shared.errors import DfkdError
 from shared.teacher import Teacher, TeacherCard, load_teacher
 from synth_service.batcher import Batcher
-from synth_service.engine import InversionEngine
 from synth_service.jobs import JobManager
 from synth_service.metrics import SynthMetrics
 from synth_service.production import ProductionController
+from synth_service.student_feedback import StudentFeedback
+from synth_service.synthesizer import Synthesizer, create_synthesizer
 
 
 @dataclass
 class Service:
     settings: Settings
     teacher: Teacher
-    engine: InversionEngine
+    engine: Synthesizer
     batcher: Batcher
     jobs: JobManager
     production: ProductionController
     metrics: SynthMetrics
+
+
+def _log(message: str) -> None:
+    print(f"synth: {message}", flush=True)
 
 
 def job_bytes_per_image(card: TeacherCard) -> int:
@@ -42,13 +47,22 @@ def service_lifespan(settings: Settings, teacher: Teacher | None):
         cfg = settings.service
         metrics: SynthMetrics = app.state.metrics
         t = teacher or load_teacher(settings.teacher)
-        engine = InversionEngine(t, settings.synth, device=resolve_device(settings.device))
+        feedback_on = settings.feedback.enabled and settings.stream.redis_url is not None
+        engine = create_synthesizer(t, settings.synth, device=resolve_device(settings.device),
+                                    student_optional=feedback_on, log=_log)
+        metrics.method.labels(engine.method).set(1)
+        feedback = None
+        if feedback_on:
+            feedback = StudentFeedback(settings, t.card, metrics, device=engine.device, log=_log,
+                                       on_student=lambda model, card: engine.set_student(model, card.model_dump()))
         production = ProductionController(settings, t.card, metrics)
         batcher = Batcher(engine, metrics, cfg.max_batch or settings.synth.batch_size, cfg.max_wait_ms / 1000,
                           cfg.max_queue_images, fill=production.fill_source())
         production.on_capacity = batcher.wake
         batcher.start()
         production.start()
+        if feedback is not None:
+            feedback.start()
         jobs = JobManager(batcher, cfg.job_retention, cfg.job_ttl_s, t.card.class_names,
                           retention_bytes=cfg.job_retention_bytes, bytes_per_image=job_bytes_per_image(t.card))
         app.state.service = Service(settings, t, engine, batcher, jobs, production, metrics)
@@ -56,8 +70,10 @@ def service_lifespan(settings: Settings, teacher: Teacher | None):
             yield
         finally:
             await jobs.shutdown()
+            if feedback is not None:
+                feedback.stop()
             production.stop()
             batcher.stop()
-            engine.close()
+            engine.close()  # a method with state (the generator) saves it here
 
     return lifespan

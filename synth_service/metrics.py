@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from synth_service.engine import SynthResult
+from synth_service.result import SynthResult
+from shared.student_metrics import StudentGauges
 from synth_service.report import diversity_by_space
 
 PREFIX = "dfkd_synth"
@@ -39,6 +40,17 @@ class SynthMetrics:
                                            ["space"], buckets=_DIVERSITY_BUCKETS, registry=r)
         self.verifier_top1 = Gauge(f"{PREFIX}_verifier_top1",
                                    "Verifier top-1 agreement with the target labels on the last batch", registry=r)
+        self.method = Gauge(f"{PREFIX}_method_info", "The synthesis method in use (value 1)", ["method"], registry=r)
+        self.warm = Gauge(f"{PREFIX}_method_warm", "1 once the method is ready to serve (0 while it warms up)",
+                          registry=r)
+        self.warmup_seconds = Gauge(f"{PREFIX}_method_warmup_seconds", "Wall time of the method's last warm-up",
+                                    registry=r)
+        # The student in the adversarial terms, fed back by the trainer (feedback.enabled).
+        self.student = StudentGauges(PREFIX, r, "the student in the adversarial terms")
+        self.student_loads = Counter(f"{PREFIX}_student_loads", "Students loaded from the feedback channel",
+                                     registry=r)
+        self.student_refused = Counter(f"{PREFIX}_student_refused",
+                                       "Students refused from the feedback channel", ["reason"], registry=r)
         self.queue_images = Gauge(f"{PREFIX}_queue_images", "Images waiting for an engine batch", registry=r)
         self.stream_backlog = Gauge(f"{PREFIX}_stream_backlog_entries",
                                     "Stream entries not yet acknowledged by the trainers (lag + pending)", registry=r)
@@ -51,6 +63,10 @@ class SynthMetrics:
                                      registry=r)
         self.http_latency = Histogram(f"{PREFIX}_http_request_duration_seconds", "HTTP latency",
                                       ["route", "method"], buckets=_DURATION_BUCKETS, registry=r)
+
+    def student_loaded(self, step: int, published_at: float) -> None:
+        self.student.set(step, published_at)
+        self.student_loads.inc()
 
     def record_quality(self, result: SynthResult) -> None:
         """Diversity per space and verifier agreement of one finished batch, from its final images and features."""

@@ -20,7 +20,7 @@ from shared.teacher import TeacherCard
 from shared.stream import StreamProducer, StreamUnavailableError, connect_redis
 from shared.wire import SynthesisRecord, WireBatch
 from synth_service.batcher import FillSource
-from synth_service.engine import SynthResult
+from synth_service.result import SynthResult
 from synth_service.metrics import SynthMetrics
 from synth_service.schemas import ProductionStatus, ProductionUpdate
 

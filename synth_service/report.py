@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from shared.teacher import TeacherCard
-from synth_service.engine import SynthResult
+from synth_service.result import SynthResult
 
 DIVERSITY_DESCRIPTION = (
     "intra_class_diversity.<space>: over the classes with at least 2 images, the mean of the mean pairwise Euclidean "

@@ -8,7 +8,7 @@ from fastapi import HTTPException, Response
 
 from synth_service.dependencies import ServiceDep
 from synth_service.encode import MEDIA_TYPES, encode_result
-from synth_service.engine import SynthResult
+from synth_service.result import SynthResult
 from synth_service.openapi_responses import BINARY, ERRORS
 from synth_service.request_checks import check_image_request
 from synth_service.route_table import RouteTable

@@ -21,6 +21,7 @@ async def info(svc: ServiceDep) -> ServiceInfo:
         teacher=TeacherInfo(name=c.name, arch=c.arch, num_classes=c.num_classes, in_chans=c.in_chans,
                             image_size=c.image_size, mean=list(c.mean), std=list(c.std),
                             fingerprint=c.fingerprint, metrics=c.metrics),
+        method=svc.engine.describe(),
         synthesis_defaults=svc.settings.synth.model_dump(mode="json"),
         limits={"max_batch": svc.batcher.max_batch, "sync_max_images": cfg.sync_max_images,
                 "job_max_images": cfg.job_max_images, "max_iterations": cfg.max_iterations,

@@ -18,9 +18,10 @@ class ImageRequest(BaseModel):
 
     class_ids: list[int] = Field(min_length=1, max_length=256, description="target classes (see GET /v1/classes)")
     per_class: int = Field(1, ge=1, le=4096, description="images per class")
-    iterations: int | None = Field(None, ge=1, le=100_000,
-                                   description="optimisation steps; omit to use the service default (and to be "
-                                               "coalesced with background production)")
+    iterations: int | None = Field(None, ge=0, le=100_000,
+                                   description="optimisation steps (di: >= 1, scaling its schedule; generator: steps "
+                                               "on a private copy of the generator, 0 = one forward pass); omit to "
+                                               "use the service default (and to be coalesced with production)")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="seeds the request's starting noise")
     format: ImageFormat = Field("png", description="png: one image or a grid (a row per class); zip; npz")
 
@@ -70,6 +71,7 @@ class TeacherInfo(BaseModel):
 
 class ServiceInfo(BaseModel):
     teacher: TeacherInfo
+    method: dict = Field(description="the synthesis method (`method`) and its live state (e.g. warm, student step)")
     synthesis_defaults: dict
     limits: dict[str, int | float]
     device: str

@@ -86,3 +86,35 @@ def test_a_bench_names_a_missing_teacher_in_one_line(bench, tmp_path):
     assert res.returncode != 0
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and str(missing) in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_synth_methods_prints_its_json_line(digits_teacher, teacher_dir):
+    res = subprocess.run([sys.executable, "bench/synth_methods.py", "--teacher", str(teacher_dir / "digits_cnn.json"),
+                          "--images", "20", "--batch", "20", "--iterations", "3", "--warmup-steps", "4", "--epochs", "1",
+                          "--split", "val"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["bench"] == "synth_methods" and out["split"] == "val" and out["generator"]["warm"] is True
+    pools = out["pools"]
+    assert pools["di"]["images"] == pools["generator_equal_images"]["images"] == 20
+    assert pools["generator_equal_time"]["images"] >= 20  # a batch at least, in DI's time
+    for pool in pools.values():
+        assert pool["images_per_s"] > 0 and 0 <= pool["student_val_top1"] <= 1
+        assert pool["verifier_top1"] is not None and pool["diversity"]["verifier"] is not None
+
+
+def test_tune_digits_scores_on_validation_and_resumes(digits_teacher, teacher_dir, tmp_path):
+    cmd = [sys.executable, "bench/tune_digits.py", "--teacher", str(teacher_dir / "digits_cnn.json"),
+           "--grid", "synth.diversity=0,3", "--grid", "synth.iterations=2", "--grid", "train.steps=3",
+           "--seeds", "1", "--per-class", "2", "--cache", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["split"] == "val" and out["val_images"] == 201 and len(out["results"]) == 2
+    assert {r["settings"]["synth.diversity"] for r in out["results"]} == {0, 3}
+    assert len(list((tmp_path / "pools").iterdir())) == 2 and len(list((tmp_path / "scores").iterdir())) == 2
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["results"] == out["results"]  # read back from the cache
+    bad = subprocess.run(cmd[:2] + ["--grid", "synth.nonsense=1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "nonsense" in bad.stderr and "Traceback" not in bad.stderr

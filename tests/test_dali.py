@@ -14,12 +14,14 @@ pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda130 is not installed"
 from shared.data.cifar10 import CLASS_NAMES as CIFAR10_CLASSES  # noqa: E402
 from shared.data.digits import load_digits_split  # noqa: E402
 from trainer.dali_reader import ImageFolderError, RealImageReader, pipeline_device  # noqa: E402
+from shared.data.cifar10 import train_val_positions  # noqa: E402
 from trainer.imagefolder_export import export_cifar10, export_digits  # noqa: E402
 from trainer.mixing import REAL, SYNTHETIC, MixInSampler  # noqa: E402
 
 CIFAR_ROOT = Path(__file__).resolve().parents[2] / "shared/data/cifar10"
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
-N_CIFAR = 200
+N_CIFAR = 222  # the first 222 training images: 200 train, 22 validation
+N_CIFAR_TRAIN = 200
 FULL_VIEW = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))  # the crop is the whole image: pixels stay comparable
 
 
@@ -70,7 +72,9 @@ def test_export_cifar10_keeps_the_original_jpeg_bytes(cifar_root, cifar_dir):
     data = np.load(cifar_root / "train_jpeg.npz")
     buf, offsets, y = data["jpeg"], data["offsets"], data["y"]
     files = sorted(cifar_dir.glob("*/*.jpg"))
-    assert len(files) == N_CIFAR
+    train, val = train_val_positions(y[:N_CIFAR])
+    assert sorted(int(p.stem) for p in files) == train.tolist() and len(train) == N_CIFAR_TRAIN  # val stays out
+    assert len(val) == sum(max(1, round(0.1 * int((y[:N_CIFAR] == c).sum()))) for c in range(10))
     for path in files:
         i = int(path.stem)
         assert path.parent.name == CIFAR10_CLASSES[y[i]]
@@ -90,6 +94,7 @@ def test_export_cifar10_test_split_is_lossless_png(cifar_root, tmp_path):
 
 def test_partial_fraction_keeps_a_seeded_stratified_share(cifar_root, tmp_path):
     y = np.load(cifar_root / "train_jpeg.npz")["y"][:2000]
+    y = y[train_val_positions(y)[0]]
     counts = export_cifar10(cifar_root, tmp_path / "a", "train", limit=2000, partial_fraction=0.1, seed=3)
     assert counts == {name: round(0.1 * int((y == c).sum())) for c, name in enumerate(CIFAR10_CLASSES)}
     again = export_cifar10(cifar_root, tmp_path / "b", "train", limit=2000, partial_fraction=0.1, seed=3)
@@ -104,7 +109,7 @@ def test_partial_fraction_keeps_a_seeded_stratified_share(cifar_root, tmp_path):
 def test_cpu_pipeline_decodes_real_jpegs_like_pillow(cifar_dir):
     reader = RealImageReader(cifar_dir, 50, 32, CIFAR_MEAN, CIFAR_STD, device="cpu", seed=0, flip=False,
                              **FULL_VIEW)
-    assert reader.class_names == CIFAR10_CLASSES and reader.num_images == N_CIFAR
+    assert reader.class_names == CIFAR10_CLASSES and reader.num_images == N_CIFAR_TRAIN
     ref, ref_labels = pillow_images(cifar_dir, reader.class_names)
     batches = [next(reader) for _ in range(4)]
     for images, labels in batches:
@@ -118,7 +123,7 @@ def test_cpu_pipeline_decodes_real_jpegs_like_pillow(cifar_dir):
     assert nearest_error(pixels, labels, ref, ref_labels).max() < 0.5
     # One epoch of the endless stream shows each image once: no tail dropped or padded.
     closest = torch.stack([(ref - x).abs().mean(dim=(1, 2, 3)).argmin() for x in pixels])
-    assert closest.unique().numel() == N_CIFAR
+    assert closest.unique().numel() == N_CIFAR_TRAIN
     assert abs(pixels.mean() - ref.mean()) < 3.0
     assert reader.epoch == 1.0
 

@@ -9,7 +9,9 @@ from shared.config import SynthConfig
 from shared.errors import InvalidRequestError
 from shared.models.digits import DigitsCNN
 from shared.teacher import Teacher, teacher_from_arch
-from synth_service.engine import LOSS_TERMS, InversionEngine, plan_batches
+from synth_service.batch_plan import plan_batches
+from synth_service.engine import InversionEngine
+from synth_service.teacher_objective import LOSS_TERMS
 
 FAST = SynthConfig(batch_size=32, iterations=6, lr=0.1, bn_weight=1.0, first_bn_multiplier=10, tv_l2=1e-3, l2=0,
                    jitter=1, flip=False, diversity=1.0, boundary=1.0, margin=3.0)
@@ -39,7 +41,7 @@ def test_hooks_are_removed_on_close_and_engines_do_not_leak(digits_teacher):
         assert bn_hook_count(digits_teacher.model) == n_bn  # not 2 * n_bn
         b = second.synthesize([1, 1, 2, 2], seed=5)
         x = torch.zeros(2, 1, 16, 16)
-        _, _, bn_distances = second._forward(x)
+        _, _, bn_distances = second.objective._forward(x)
         assert len(bn_distances) == n_bn
     assert bn_hook_count(digits_teacher.model) == 0
     assert torch.equal(a.images, b.images)

@@ -10,10 +10,10 @@ import torch.nn as nn
 
 from shared.config import StudentConfig
 from shared.models import create_model
+from shared.models.dearkd_student import block_outputs, create_student, mhca_blocks
+from shared.models.mhca import WINDOW_3X3, MHCAttention
 from trainer.aligner import (build_aligners, feature_loss, normalize_teacher_map, stage_channels, stage_modules,
                              teacher_stage_outputs)
-from trainer.mhca import WINDOW_3X3, MHCAttention
-from trainer.student import block_outputs, create_student, mhca_blocks
 
 PAIRS = [(1, 1), (2, 2), (3, 4)]
 

@@ -60,7 +60,7 @@ def bpid_reports(digits_teacher, digits_settings, verifier_card):
         with InversionEngine(digits_teacher, cfg) as engine:
             assert engine.verifier_card.fingerprint != digits_teacher.card.fingerprint
             result = engine.synthesize(LABELS, seed=0, iterations=ITERATIONS)
-            assert _hooks(engine._verifier.model) == 0  # the teacher's BN hooks are the teacher's alone
+            assert _hooks(engine.objective._verifier.model) == 0  # the teacher's BN hooks are the teacher's alone
         reports[name] = build_report(result, digits_teacher.card, {})
     return reports
 

@@ -16,13 +16,13 @@ torch.set_num_threads(1)  # tiny tensors: extra threads only contend on a shared
 
 def spy_views(engine: InversionEngine, monkeypatch) -> list[torch.Tensor]:
     """Every view the loop hands to the loss, in order."""
-    views, loss_terms = [], engine.loss_terms
+    views, loss_terms = [], engine.objective.loss_terms
 
-    def spy(view, y):
+    def spy(view, y, student=None):
         views.append(view.detach().clone())
-        return loss_terms(view, y)
+        return loss_terms(view, y, student)
 
-    monkeypatch.setattr(engine, "loss_terms", spy)
+    monkeypatch.setattr(engine.objective, "loss_terms", spy)
     return views
 
 
@@ -39,8 +39,8 @@ def test_low_resolution_phase_pools_first_then_rolls_by_half_the_jitter(digits_t
     cfg = SynthConfig(batch_size=4, resolution_schedule=[(8, 24), (16, 4)], lr=1e-7, jitter=4, flip=False,
                       keep_best=False)
     with InversionEngine(digits_teacher, cfg) as engine:
-        start = engine._lo + (engine._hi - engine._lo) * torch.rand(4, 1, 16, 16, generator=torch.Generator()
-                                                                     .manual_seed(0))
+        lo, hi = engine.objective.lo, engine.objective.hi
+        start = lo + (hi - lo) * torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
         views = spy_views(engine, monkeypatch)
         engine.synthesize([0, 0, 1, 1], seed=3, init=start)
     low, full = views[:24], views[24:]

@@ -59,7 +59,7 @@ def sized_teacher(arch: str, size: int) -> Teacher:
 def check_synthesis(teacher: Teacher, size: int) -> None:
     with InversionEngine(teacher, CFG) as engine:
         r = engine.synthesize(LABELS, seed=0)
-        assert hooks_left(teacher.model) == len(engine._bn.layers)
+        assert hooks_left(teacher.model) == len(engine.objective._bn.layers)
     assert hooks_left(teacher.model) == 0
     assert r.images.shape == (4, 3, size, size) and r.images.dtype == torch.uint8
     assert all(math.isfinite(v) for v in r.history["loss"]) and len(r.history["loss"]) == 2

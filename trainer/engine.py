@@ -11,7 +11,7 @@ from shared.config import DearKDConfig, StudentConfig, TrainConfig
 from trainer.aligner import aligner_key, build_aligners, feature_loss, normalize_teacher_map, teacher_stage_outputs
 from trainer.losses import stage1_loss, stage2_loss
 from trainer.schedule import stage1_steps, stage_at, student_lr
-from trainer.student import block_outputs, create_student
+from shared.models.dearkd_student import block_outputs, create_student
 
 
 NO_DECAY = ("pos_embed", "cls_token", "dist_token", "alpha", "offsets")

@@ -12,33 +12,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.data.cifar10 import CLASS_NAMES as CIFAR10_CLASSES
+from shared.data.cifar10 import CLASS_NAMES as CIFAR10_CLASSES, train_val_positions
 from shared.data.digits import CLASS_NAMES as DIGITS_CLASSES, load_digits_split
+from shared.data.splits import stratified_subset
 
-Split = Literal["train", "test"]
-
-
-def stratified_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """Sorted indices keeping `fraction` of each class (at least one image per present class), seeded."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"partial_fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
-    if fraction == 1.0:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in np.unique(labels):  # sorted classes: one rng stream gives the same subset on every machine
-        members = np.flatnonzero(labels == c)
-        n = max(1, int(round(fraction * len(members))))
-        keep.append(rng.choice(members, size=n, replace=False))
-    return np.sort(np.concatenate(keep))
+Split = Literal["train", "val", "test"]
 
 
 def export_digits(out_dir: Path, image_size: int = 16, split: Split = "train", *,
                   partial_fraction: float = 1.0, seed: int = 0) -> dict[str, int]:
     """Digits as 8-bit grayscale PNGs, at the size `load_digits_split(image_size)` gives. Returns images per class."""
-    data = load_digits_split(image_size)
-    x, y = (data.x_train, data.y_train) if _check_split(split) == "train" else (data.x_test, data.y_test)
+    x, y = load_digits_split(image_size).images(_check_split(split))
     pixels = (x[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     labels = y.numpy()
 
@@ -50,20 +34,24 @@ def export_digits(out_dir: Path, image_size: int = 16, split: Split = "train", *
 
 def export_cifar10(root: Path, out_dir: Path, split: Split = "train", limit: int | None = None, *,
                    partial_fraction: float = 1.0, seed: int = 0) -> dict[str, int]:
-    """CIFAR-10: train images as their original JPEG bytes (no re-encode), test images as PNGs of `test.npz`.
+    """CIFAR-10: train and val images as their original JPEG bytes (no re-encode), test images as PNGs of `test.npz`.
 
-    `limit` keeps the first `limit` images of the split; `partial_fraction` then keeps a stratified share of those.
+    `limit` keeps the first `limit` images of `train_jpeg.npz` (train and val are carved from those) or of
+    `test.npz`; `partial_fraction` then keeps a stratified share of the split. File names are indices into the npz.
     Returns images per class.
     """
     root = Path(root)
-    name = "train_jpeg.npz" if _check_split(split) == "train" else "test.npz"
+    name = "test.npz" if _check_split(split) == "test" else "train_jpeg.npz"
     if not (root / name).is_file():
         raise FileNotFoundError(f"CIFAR-10 file {root / name} not found (set DFKD_DATA__CIFAR10_DIR)")
     data = np.load(root / name)
     labels = data["y"][:limit].astype(np.int64)
-    keep = stratified_subset(labels, partial_fraction, seed)
+    members = np.arange(len(labels))
+    if split != "test":
+        members = train_val_positions(labels)[0 if split == "train" else 1]
+    keep = members[stratified_subset(labels[members], partial_fraction, seed)]
 
-    if split == "train":
+    if split != "test":
         buf, offsets = data["jpeg"], data["offsets"]
 
         def write(i: int, path: Path) -> None:
@@ -96,7 +84,7 @@ def _write_tree(out_dir: Path, class_names: Sequence[str], labels: np.ndarray, k
 
 
 def _check_split(split: str) -> str:
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     return split
 

@@ -6,6 +6,8 @@ import time
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from shared.student_metrics import StudentGauges
+
 PREFIX = "dfkd_trainer"
 
 
@@ -30,6 +32,11 @@ class TrainerMetrics:
                                  "content (dead-lettered; the first copy is kept)", registry=r)
         self.quarantined = Counter(f"{PREFIX}_store_quarantined", "Stored batches moved aside on open "
                                    "(unreadable, or outside the teacher's contract)", registry=r)
+        # The student fed back to the synthesis service (feedback.enabled).
+        self.student = StudentGauges(PREFIX, r, "the last student published for the service")
+        self.student_publish_failures = Counter(f"{PREFIX}_student_publish_failures",
+                                                "Student publications that failed (Redis down, too large)",
+                                                registry=r)
         self._last_step: float | None = None
         self.starved_total = 0.0
         if port is not None:

@@ -11,10 +11,14 @@ import torch.nn.functional as F
 
 from shared.config import DataConfig, TeacherRecipe
 from shared.data import cifar10, digits
-from shared.data.digits import ImageSplit
+from shared.data.splits import ImageSplit
 from shared.models import create_model
 from shared.teacher import Teacher, TeacherCard
 from shared.weights import fingerprint, save_weights
+
+
+# Cards record this; a cached teacher trained on another split (before validation images were held out) is stale.
+SPLIT_VERSION = "train-val-test/1"
 
 
 def load_split(recipe: TeacherRecipe, data: DataConfig) -> tuple[ImageSplit, list[str]]:
@@ -24,7 +28,6 @@ def load_split(recipe: TeacherRecipe, data: DataConfig) -> tuple[ImageSplit, lis
     else:
         split = cifar10.load_cifar10_split(data.cifar10_dir, recipe.train_limit, recipe.test_limit)
         names = cifar10.CLASS_NAMES
-    split.x_train, split.y_train = split.x_train[: recipe.train_limit], split.y_train[: recipe.train_limit]
     split.x_test, split.y_test = split.x_test[: recipe.test_limit], split.y_test[: recipe.test_limit]
     return split, names
 
@@ -106,9 +109,11 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
             log(f"epoch {epoch + 1}/{r.epochs} loss {running.item() / steps_per_epoch:.4f}")
 
     model = model.to(memory_format=torch.contiguous_format)
+    val_accuracy = evaluate(model, split.x_val, split.y_val, mean, std)
     accuracy = evaluate(model, split.x_test, split.y_test, mean, std)
     seconds = time.perf_counter() - started
-    log(f"held-out accuracy {accuracy:.4f} ({len(split.y_test)} images) in {seconds:.1f}s")
+    log(f"validation accuracy {val_accuracy:.4f} ({len(split.y_val)} images), test accuracy {accuracy:.4f} "
+        f"({len(split.y_test)} images) in {seconds:.1f}s")
 
     name = name or f"{r.dataset}_{r.arch}"
     out_dir = Path(out_dir)
@@ -118,8 +123,11 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
         name=name, arch=r.arch, num_classes=len(class_names), in_chans=in_chans, image_size=size,
         mean=mean_t, std=std_t, class_names=class_names, fingerprint=fingerprint(model.state_dict()),
         weights=weights_path.name,
-        metrics={"test_top1": accuracy, "test_images": float(len(split.y_test)), "train_seconds": seconds},
-        recipe=r.model_dump(mode="json") | {"device": str(device), "torch": torch.__version__},
+        metrics={"val_top1": val_accuracy, "val_images": float(len(split.y_val)), "test_top1": accuracy,
+                 "test_images": float(len(split.y_test)), "train_images": float(len(split.y_train)),
+                 "train_seconds": seconds},
+        recipe=r.model_dump(mode="json") | {"device": str(device), "torch": torch.__version__,
+                                            "split": SPLIT_VERSION},
     )
     card_path = out_dir / f"{name}.json"
     card.write(card_path)

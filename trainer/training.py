@@ -19,8 +19,10 @@ from trainer.distributed import DistributedContext
 from trainer.engine import DearKDTrainer
 from trainer.metrics import TrainerMetrics
 from trainer.mixing import MixInSampler
+from trainer.schedule import stage_at
 from trainer.augment import Augment, to_device
 from trainer.store import FreshFirstSampler, SyntheticStore
+from trainer.student_publisher import StudentPublisher
 
 
 class StreamFeeder:
@@ -151,6 +153,7 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
         mix.step, mix.real_seen, mix.synthetic_seen = state["mix"]
         log(f"resumed from {checkpoint} at step {trainer.step}, stage {trainer.stage}")
     ctx.check_same_step(trainer.step)  # DDP then starts every rank from rank 0's weights
+    publisher = StudentPublisher.from_settings(settings, student, card, metrics, log) if ctx.is_main else None
 
     def save() -> None:
         save_checkpoint(out, trainer.model, trainer.optimizer, {
@@ -188,6 +191,9 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
                 evaluate()
             if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
                 save()
+            # The stage switch publishes the finished stage-1 student: the service sees the distilled one.
+            if publisher is not None and publisher.due(trainer.step, trainer.stage != terms["stage"]):
+                publisher.publish(trainer.student, trainer.step, terms["stage"])
     except KeyboardInterrupt:
         if ctx.enabled:  # a peer may be gone mid-step: keep the last periodic checkpoint, which all ranks share
             log(f"interrupted at step {trainer.step}; resume from the last periodic checkpoint in {out}")
@@ -200,6 +206,11 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
             feeder.stop()
     if "top1" not in evaluation or trainer.step % cfg.eval_every:
         evaluate()
+    if publisher is not None:
+        if publisher.last_step != trainer.step:
+            trained = stage_at(max(trainer.step - 1, 0), cfg.steps, settings.dearkd.stage1_fraction)
+            publisher.publish(trainer.student, trainer.step, trained)
+        publisher.close()
     if ctx.is_main:
         save_weights(trainer.student, Path(cfg.out_dir) / "student.safetensors")
     return {"step": trainer.step, "eval_top1": evaluation.get("top1"),

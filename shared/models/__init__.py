@@ -4,4 +4,6 @@ from shared.models.registry import create_model, is_model, list_models, register
 # Importing the modules registers their models.
 from shared.models import cifar_resnet, digits, wide_resnet  # noqa: F401,E402
 
+# The DearKD student is built from a StudentConfig, not by name: shared/models/dearkd_student.py.
+
 __all__ = ["create_model", "is_model", "list_models", "register_model"]

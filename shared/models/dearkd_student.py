@@ -8,7 +8,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 from torch.utils.checkpoint import checkpoint
 
 from shared.config import StudentConfig
-from trainer.mhca import MHCAttention
+from shared.models.mhca import MHCAttention
 
 
 def create_student(cfg: StudentConfig) -> VisionTransformerDistilled:

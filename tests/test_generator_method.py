@@ -1,0 +1,150 @@
+"""The `generator` synthesis method behind the `Synthesizer` interface: registry, loops, serving by a forward pass,
+private copies for requests, the noisy layer, the BN-statistics blend, and a checkpoint a restart resumes from."""
+import pytest
+import torch
+import torch.nn as nn
+
+from shared.config import Settings
+from shared.errors import DfkdError, InvalidRequestError
+from shared.teacher import Teacher
+from synth_service.bn_hooks import BNStatsHooks
+from synth_service.engine import InversionEngine
+from synth_service.generator_method import GeneratorSynthesizer
+from synth_service.generator_net import ClassConditionalGenerator, slot_of_each_label, upsampling_stages
+from synth_service.synthesizer import create_synthesizer, synthesis_methods
+
+SMALL = {"width": 8, "embed_dim": 16, "noise_dim": 16, "steps": 3, "warmup_steps": 6}
+
+
+def generator_settings(**generator) -> Settings:
+    return Settings.load("digits", device="cpu", synth={"method": "generator", "batch_size": 20,
+                                                        "generator": SMALL | generator})
+
+
+def hooks_left(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_methods_are_registered_by_name(digits_teacher):
+    assert synthesis_methods() == ["di", "generator"]
+    di = Settings.load("digits", device="cpu")
+    with create_synthesizer(digits_teacher, di.synth) as engine:
+        assert isinstance(engine, InversionEngine) and engine.describe()["method"] == "di"
+    with create_synthesizer(digits_teacher, generator_settings().synth) as engine:
+        assert isinstance(engine, GeneratorSynthesizer) and engine.describe()["method"] == "generator"
+    with pytest.raises(ValueError, match="method"):
+        Settings.load("digits", synth={"method": "gan"})
+
+
+def test_upsampling_stages_reach_every_input_size():
+    assert upsampling_stages(16) == (2, 4) and upsampling_stages(32) == (2, 8)
+    assert upsampling_stages(224) == (5, 7) and upsampling_stages(299) == (6, 5)
+    cfg = generator_settings().synth.generator
+    for size in (16, 32, 224):
+        g = ClassConditionalGenerator(10, 3, size, cfg)
+        g.redraw_noise(2, torch.Generator().manual_seed(0))
+        assert g(torch.tensor([0, 1, 1])).shape == (3, 3, size, size)
+
+
+def test_noisy_layer_gives_each_image_of_a_class_its_own_code():
+    y = torch.tensor([3, 3, 1, 3, 1])
+    assert slot_of_each_label(y).tolist() == [0, 1, 0, 2, 1]
+    g = ClassConditionalGenerator(10, 1, 16, generator_settings().synth.generator)
+    g.redraw_noise(3, torch.Generator().manual_seed(0))
+    codes = g.code(y)
+    assert not torch.allclose(codes[0], codes[1]) and not torch.allclose(codes[0], codes[3])
+    with pytest.raises(ValueError, match="slots"):
+        g.code(torch.tensor([2, 2, 2, 2]))
+
+
+def test_a_loop_trains_the_shared_generator_and_emits_labelled_images(digits_teacher):
+    with create_synthesizer(digits_teacher, generator_settings().synth) as g:
+        assert not g.warm
+        result = g.synthesize(list(range(10)) * 2, seed=1)
+        assert g.warm and g.steps_trained == 6 + 3 and g.loops == 2 + 1  # warm-up loops, then this one
+        assert result.images.shape == (20, 1, 16, 16) and result.images.dtype == torch.uint8
+        assert result.labels.tolist() == list(range(10)) * 2 and result.iterations == 3
+        assert len(result.history["loss"]) == 3 and result.phases == [(16, 3)]
+        assert g.describe()["warm"] is True and g.describe()["warmup_seconds"] > 0
+
+
+def test_requests_run_on_a_copy_and_zero_steps_is_a_forward(digits_teacher):
+    with create_synthesizer(digits_teacher, generator_settings(serve_steps=0).synth) as g:
+        g.warm_up()
+        loops = g.loops
+        before = {k: v.clone() for k, v in g.generator.state_dict().items()}
+        assert g.request_iterations(None) == 0  # HTTP requests are served by a forward pass
+        forward = g.synthesize([3, 3, 3, 3], seed=0, iterations=0)
+        refined = g.synthesize([3, 3, 3, 3], seed=0, iterations=2)
+        after = g.generator.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # requests never train the shared generator
+        assert forward.iterations == 0 and forward.history["loss"] == [] and refined.iterations == 2
+        assert g.loops == loops  # requests on copies are not loops of the shared generator
+        with pytest.raises(InvalidRequestError, match=">= 0"):
+            g.request_iterations(-1)
+    di = Settings.load("digits", device="cpu")
+    with create_synthesizer(digits_teacher, di.synth) as engine:
+        with pytest.raises(InvalidRequestError, match=">= 1"):
+            engine.request_iterations(0)
+
+
+def test_checkpoint_resumes_warm_and_refuses_a_foreign_one(digits_teacher, tmp_path):
+    path = tmp_path / "generator.safetensors"
+    s = generator_settings(checkpoint=path, checkpoint_every=1)
+    with create_synthesizer(digits_teacher, s.synth) as g:
+        g.synthesize(list(range(10)) * 2, seed=0)
+        state = {k: v.clone() for k, v in g.generator.state_dict().items()}
+        loops, steps = g.loops, g.steps_trained
+    assert path.is_file() and not path.with_name(path.name + ".tmp").exists()
+    with create_synthesizer(digits_teacher, s.synth) as again:
+        assert again.warm and (again.loops, again.steps_trained) == (loops, steps)
+        assert all(torch.equal(state[k], v) for k, v in again.generator.state_dict().items())
+        forward = again.synthesize(list(range(10)), seed=0, iterations=0)  # no warm-up: served at once
+        assert again.loops == loops and forward.images.shape[0] == 10
+    other = Teacher(digits_teacher.model, digits_teacher.card.model_copy(update={"fingerprint": "0" * 64}))
+    with pytest.raises(DfkdError, match="another teacher"):
+        create_synthesizer(other, s.synth)
+    assert hooks_left(digits_teacher.model) == 0  # a refused checkpoint leaves no hooks behind
+    with pytest.raises(DfkdError, match="generator shape"):
+        create_synthesizer(digits_teacher, generator_settings(checkpoint=path, width=12).synth)
+    assert hooks_left(digits_teacher.model) == 0
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(DfkdError, match="not a readable safetensors"):
+        create_synthesizer(digits_teacher, s.synth)
+
+
+def test_bn_blend_mixes_running_statistics_of_earlier_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).eval()
+    hooks = BNStatsHooks(model, torch.randn(2, 1, 4, 4), blend=0.5)
+    a, b = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4) + 3
+    model(a)
+    first = hooks.pop()
+    model(b)
+    second = hooks.pop()
+    blend = hooks.frozen()
+    model(b)
+    unblended = hooks.pop()
+    hooks.unfreeze(blend)
+    assert blend == 0.5 and not torch.allclose(second, unblended)  # b alone is far from the running stats
+    assert second < unblended  # half of a's statistics pull the blend back towards them
+    hooks.reset_blend()
+    model(b)
+    assert torch.allclose(hooks.pop(), unblended)
+    assert first.shape == (1,)
+    hooks.remove()
+    with pytest.raises(ValueError, match="blend"):
+        BNStatsHooks(model, blend=1.0)
+
+
+def test_competition_waits_for_a_fed_back_student(digits_teacher):
+    s = generator_settings().synth.model_copy(update={"competition": 1.0})
+    with pytest.raises(InvalidRequestError, match="needs a student"):
+        create_synthesizer(digits_teacher, s)
+    with create_synthesizer(digits_teacher, s, student_optional=True) as g:
+        first = g.synthesize(list(range(10)) * 2, seed=0)
+        assert set(first.history["competition"]) == {0.0}  # no student yet: no adversarial term
+        student = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+        g.set_student(student, {"step": 7})
+        second = g.synthesize(list(range(10)) * 2, seed=1)
+        assert any(v != 0.0 for v in second.history["competition"]) and g.describe()["student_step"] == 7
