@@ -55,7 +55,7 @@ class GeneratorSynthesizer(Synthesizer):
         self.loops = 0
         self.steps_trained = 0
         self.warmup_seconds: float | None = None
-        self._seed_stream = torch.Generator().manual_seed(config.generator.reinit_every * 7919 + 1)
+        self._seed_stream = torch.Generator().manual_seed(0)  # generator inits and warm-up noise, reproducible
         try:
             self.generator = self._new_generator()
             if self.gcfg.checkpoint is not None and Path(self.gcfg.checkpoint).is_file():
@@ -168,9 +168,10 @@ class GeneratorSynthesizer(Synthesizer):
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     def _new_generator(self) -> ClassConditionalGenerator:
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed_stream)))
         c = self.card
-        return ClassConditionalGenerator(c.num_classes, c.in_chans, c.image_size, self.gcfg).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # seeded weights without moving the process's global RNG
+            torch.manual_seed(self._next_seed())
+            return ClassConditionalGenerator(c.num_classes, c.in_chans, c.image_size, self.gcfg).to(self.device)
 
     def _next_seed(self) -> int:
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed_stream))

@@ -30,8 +30,13 @@ def test_methods_are_registered_by_name(digits_teacher):
     di = Settings.load("digits", device="cpu")
     with create_synthesizer(digits_teacher, di.synth) as engine:
         assert isinstance(engine, InversionEngine) and engine.describe()["method"] == "di"
-    with create_synthesizer(digits_teacher, generator_settings().synth) as engine:
+    rng = torch.get_rng_state()
+    with create_synthesizer(digits_teacher, generator_settings().synth) as engine, \
+            create_synthesizer(digits_teacher, generator_settings().synth) as twin:
         assert isinstance(engine, GeneratorSynthesizer) and engine.describe()["method"] == "generator"
+        assert torch.equal(torch.get_rng_state(), rng)  # seeded from its own stream, not the process's RNG
+        assert all(torch.equal(a, b) for a, b in zip(engine.generator.state_dict().values(),
+                                                     twin.generator.state_dict().values()))
     with pytest.raises(ValueError, match="method"):
         Settings.load("digits", synth={"method": "gan"})
 
