@@ -153,3 +153,29 @@ def test_competition_waits_for_a_fed_back_student(digits_teacher):
         g.set_student(student, {"step": 7})
         second = g.synthesize(list(range(10)) * 2, seed=1)
         assert any(v != 0.0 for v in second.history["competition"]) and g.describe()["student_step"] == 7
+
+
+def test_a_restarted_service_resumes_the_generator_warm(digits_teacher, tmp_path):
+    """Real HTTP over a socket: the first service warms the generator up and saves it at shutdown; the second one
+    loads it, serves at once, and reports the same loops instead of warming up again."""
+    import httpx
+
+    from live_server import LiveServer
+    from synth_service.app import create_app
+
+    path = tmp_path / "generator.safetensors"
+    s = generator_settings(checkpoint=path).model_copy(update={"teacher": None})
+    body = {"class_ids": [3, 7], "per_class": 2, "format": "npz"}
+    with LiveServer(create_app(s, digits_teacher)) as first:
+        assert httpx.post(f"{first.url}/v1/images", json=body, timeout=120).status_code == 200
+        before = httpx.get(f"{first.url}/v1/info", timeout=10).json()["method"]
+        assert before["warm"] and before["loops"] >= 2 and before["warmup_seconds"] > 0
+    assert path.is_file()  # saved at shutdown
+    with LiveServer(create_app(s, digits_teacher)) as second:
+        after = httpx.get(f"{second.url}/v1/info", timeout=10).json()["method"]
+        assert after["warm"] and after["loops"] == before["loops"]
+        assert after["steps_trained"] == before["steps_trained"]
+        assert httpx.post(f"{second.url}/v1/images", json=body, timeout=120).status_code == 200
+        served = httpx.get(f"{second.url}/v1/info", timeout=10).json()["method"]
+        # One loop of K = 3 steps for the request (serve_steps defaults to steps), no second warm-up.
+        assert served["loops"] == before["loops"] + 1 and served["steps_trained"] == before["steps_trained"] + 3
