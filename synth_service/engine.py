@@ -51,9 +51,7 @@ class InversionEngine(Synthesizer):
     def __init__(self, teacher: Teacher, config: SynthConfig, device: torch.device | str = "cpu",
                  student: nn.Module | None = None, student_optional: bool = False,
                  log: Callable[[str], None] = lambda m: None):
-        # student_optional: a student may arrive later (fed back by the trainer); until then no competition term.
-        if config.competition > 0 and student is None and not student_optional:
-            raise InvalidRequestError("competition > 0 (Adaptive DI) needs a student network")
+        self.check_student(config, student, student_optional)
         self.card = teacher.card
         self.config = config
         self.objective = TeacherObjective(teacher, config, device=device, student=student)
@@ -61,7 +59,6 @@ class InversionEngine(Synthesizer):
         self.use_bf16 = self.objective.use_bf16
         self.channels_last = self.objective.channels_last
         self.verifier_card = self.objective.verifier_card
-        self.student_info: dict[str, Any] | None = None
 
     @property
     def teacher(self) -> nn.Module:
@@ -70,10 +67,6 @@ class InversionEngine(Synthesizer):
     @property
     def student(self) -> nn.Module | None:
         return self.objective.student
-
-    def set_student(self, student: nn.Module | None, info: dict[str, Any] | None = None) -> None:
-        self.objective.set_student(student)
-        self.student_info = info
 
     def loss_terms(self, x_view: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.objective.loss_terms(x_view, y, self.objective.student)

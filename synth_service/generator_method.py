@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from shared.config import SynthConfig
-from shared.errors import DfkdError, InvalidRequestError
+from shared.errors import DfkdError
 from shared.teacher import Teacher
 from synth_service.batch_plan import plan_batches
 from synth_service.generator_net import ClassConditionalGenerator, slot_of_each_label
@@ -42,15 +42,13 @@ class GeneratorSynthesizer(Synthesizer):
     def __init__(self, teacher: Teacher, config: SynthConfig, device: torch.device | str = "cpu",
                  student: nn.Module | None = None, student_optional: bool = False,
                  log: Callable[[str], None] = lambda m: None):
-        if config.competition > 0 and student is None and not student_optional:
-            raise InvalidRequestError("competition > 0 (the adversarial term) needs a student network")
+        self.check_student(config, student, student_optional)
         self.card, self.config, self.gcfg = teacher.card, config, config.generator
         self.log = log
         self.objective = TeacherObjective(teacher, config, device=device, student=student,
                                           bn_blend=config.generator.bn_blend)
         self.device = self.objective.device
         self.verifier_card = self.objective.verifier_card
-        self.student_info: dict[str, Any] | None = None
         self._lock = threading.Lock()  # one loop at a time: the batcher's worker, or a bench, or warm-up
         self.loops = 0
         self.steps_trained = 0
@@ -88,10 +86,6 @@ class GeneratorSynthesizer(Synthesizer):
             return self.serve_steps
         return iterations
 
-    def set_student(self, student: nn.Module | None, info: dict[str, Any] | None = None) -> None:
-        self.objective.set_student(student)
-        self.student_info = info
-
     def warm_up(self, progress: ProgressFn | None = None) -> float:
         """Train a new generator for `warmup_steps` on class-balanced batches; returns the seconds it took."""
         with self._lock:
@@ -124,8 +118,7 @@ class GeneratorSynthesizer(Synthesizer):
         if not self.objective.active:
             raise RuntimeError("this synthesizer was closed")
         y = self.validate_labels(labels).to(self.device)
-        if iterations is not None and iterations < 0:
-            raise InvalidRequestError(f"iterations must be >= 0, got {iterations}")
+        self.request_iterations(iterations)  # refuses a negative count
         if not self.warm:
             self.warm_up()
         with self._lock:
@@ -147,14 +140,6 @@ class GeneratorSynthesizer(Synthesizer):
             if shared:
                 self._maybe_checkpoint()
             return result
-
-    def save_state(self, path: Path | None = None) -> Path | None:
-        path = Path(path or self.gcfg.checkpoint) if (path or self.gcfg.checkpoint) else None
-        if path is None:
-            return None
-        with self._lock:
-            self._save(path)
-        return path
 
     def close(self) -> None:
         if not self.objective.active:
@@ -191,7 +176,7 @@ class GeneratorSynthesizer(Synthesizer):
         else:
             z = torch.randn(len(y), g.noise_dim, generator=gen).to(self.device).requires_grad_(steps > 0)
             groups.append({"params": [z], "lr": g.latent_lr})
-        jitter = max(1, self.config.jitter) if self.config.jitter > 0 else 0
+        jitter = self.config.jitter
         history = torch.zeros(max(1, steps), len(LOSS_TERMS), device=self.device)
         model.train()  # batch statistics in the generator's BatchNorm, as in every loop it trained in
         if steps == 0:

@@ -5,7 +5,6 @@ never branch on the method: what differs between methods is behind `synthesize`,
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Hashable, Sequence
 
 import torch
@@ -17,6 +16,7 @@ from shared.teacher import Teacher, TeacherCard
 from synth_service.batch_plan import plan_batches
 from synth_service.labels import check_class_ids
 from synth_service.result import ProgressFn, SynthResult
+from synth_service.teacher_objective import TeacherObjective
 
 _SYNTHESIZERS: dict[str, type["Synthesizer"]] = {}
 
@@ -58,6 +58,15 @@ class Synthesizer:
     method: ClassVar[str] = ""
     card: TeacherCard
     config: SynthConfig
+    objective: TeacherObjective  # every method optimises against the teacher's objective
+    student_info: dict[str, Any] | None = None  # the card of the fed-back student in use
+
+    @staticmethod
+    def check_student(config: SynthConfig, student: nn.Module | None, student_optional: bool) -> None:
+        """student_optional: a student may arrive later (fed back by the trainer); until then no adversarial term."""
+        if config.competition > 0 and student is None and not student_optional:
+            raise InvalidRequestError("synth.competition > 0 (the adversarial term) needs a student network: pass "
+                                      "one, or feed the trainer's back (feedback.enabled)")
 
     # -- what every method provides ---------------------------------------------------------------------------------
     def synthesize(self, labels: Sequence[int] | torch.Tensor, seed: int = 0, iterations: int | None = None,
@@ -98,15 +107,12 @@ class Synthesizer:
 
     def set_student(self, student: nn.Module | None, info: dict[str, Any] | None = None) -> None:
         """The student for adversarial terms (the trainer's latest, fed back); the next batch uses it."""
-        raise InvalidRequestError(f"synthesis method {self.method!r} has no adversarial terms")
+        self.objective.set_student(student)
+        self.student_info = info
 
     def describe(self) -> dict[str, Any]:
         """What /v1/info and the metrics report about the method."""
         return {"method": self.method}
-
-    def save_state(self, path: Path | None = None) -> Path | None:
-        """Write whatever makes a restarted method resume warm; None when the method keeps no state."""
-        return None
 
     def synthesize_classes(self, classes: Sequence[int], per_class: int, seed: int = 0,
                            iterations: int | None = None, return_logits: bool = False,
