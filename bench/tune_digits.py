@@ -34,13 +34,14 @@ from trainer.engine import DearKDTrainer  # noqa: E402
 SECTIONS = ("synth", "student", "dearkd", "train")
 
 
-def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """`section.key=v1,v2` → {"section.key": [v1, v2]}; values are read as JSON where they parse (numbers, bools)."""
+def parse_grid(items: list[str], flag: str = "--grid") -> dict[str, list[Any]]:
+    """`section.key=v1,v2` (or `section.sub.key=...`) → {"section.key": [v1, v2]}; values are read as JSON where they
+    parse (numbers, bools)."""
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
-        if not sep or key.count(".") != 1 or key.split(".")[0] not in SECTIONS or not values:
-            raise SystemExit(f"--grid {item!r}: expected SECTION.KEY=V1,V2 with SECTION one of {', '.join(SECTIONS)}")
+        if not sep or "." not in key or key.split(".")[0] not in SECTIONS or not values:
+            raise SystemExit(f"{flag} {item!r}: expected SECTION.KEY=V1,V2 with SECTION one of {', '.join(SECTIONS)}")
 
         def parse(v: str) -> Any:
             try:
@@ -51,12 +52,20 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def settings_for(combo: dict[str, Any]) -> Settings:
-    nested: dict[str, dict[str, Any]] = {}
+def nested_overrides(combo: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{"synth.generator.steps": 5} → {"synth": {"generator": {"steps": 5}}}."""
+    nested: dict[str, Any] = {}
     for key, value in combo.items():
-        section, name = key.split(".")
-        nested.setdefault(section, {})[name] = value
-    return Settings.load("digits", device="cpu", **nested)  # invalid values fail here, before any work
+        *parents, name = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return nested
+
+
+def settings_for(combo: dict[str, Any]) -> Settings:
+    return Settings.load("digits", device="cpu", **nested_overrides(combo))  # invalid values fail here, before work
 
 
 def digest(obj: Any) -> str:

@@ -173,9 +173,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         n = sum(export_digits(Path(args.out), args.image_size, args.split, partial_fraction=args.fraction).values())
     else:
         from shared.config import Settings
+        from shared.data.cifar10_formats import missing_data_error
         from trainer.imagefolder_export import export_cifar10
 
         root = Path(args.source) if args.source else Settings.load().data.cifar10_dir
+        if root is None:
+            raise missing_data_error(None)
         n = sum(export_cifar10(root, Path(args.out), args.split, partial_fraction=args.fraction).values())
     print(f"wrote {n} images to {args.out}")
     return 0

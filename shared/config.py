@@ -32,6 +32,11 @@ class GeneratorConfig(BaseModel):
     latent_lr: float = Field(0.01, gt=0, le=10, description="lr of z (noise: latent)")
     betas: tuple[float, float] = (0.5, 0.999)
     reinit_every: int = Field(0, ge=0, description="rebuild the generator every N loops (0: never)")
+    seed: int = Field(0, ge=0, description="seed of the generator's initial weights and warm-up noise")
+    memory: int = Field(0, ge=0, le=1_000_000, description="teacher features of the last N emitted images kept; each "
+                                                           "step pushes new images away from their nearest same-class "
+                                                           "one, while they lead their class by `synth.margin` (0: off)")
+    memory_weight: float = Field(1.0, ge=0, description="weight of that memory term")
     bn_blend: float = Field(0.0, ge=0, lt=1, description="match a running blend of the batch's BN statistics with "
                                                           "earlier batches' (momentum; 0: this batch alone)")
     serve_steps: int | None = Field(None, ge=0, le=10_000, description="steps for HTTP requests once warm; None: "
@@ -121,7 +126,11 @@ class SynthConfig(BaseModel):
 class DataConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
-    cifar10_dir: Path = Field(Path("../shared/data/cifar10"), description="JPEG copy of CIFAR-10 (see its README)")
+    cifar10_dir: Path | None = Field(None, description="CIFAR-10 folder, in one of three layouts: torchvision's "
+                                     "cifar-10-batches-py (the folder or its parent); an ImageFolder tree, "
+                                     "train/<class>/ and test/<class>/ of .png/.jpg/.jpeg files, classes named "
+                                     "airplane..truck or 0-9; a JPEG copy, train_jpeg.npz plus test.npz or "
+                                     "test_jpeg.npz")
     digits_size: int = Field(16, ge=8, le=64, description="digits are upsampled from 8x8 to this size")
 
 

@@ -39,13 +39,23 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     return rows
 
 
+def _section(model: type[BaseModel], key: str) -> list[str]:
+    """One table for `model` at `key`, then one for each nested section (e.g. `synth.generator`)."""
+    doc = (model.__doc__ or "").strip().splitlines()[:1]
+    parts = [f"## `{key}`", "", *doc, "", "| key | environment | default | meaning |", "|---|---|---|---|",
+             *_rows(model, f"{key}."), ""]
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            parts += _section(sub, f"{key}.{name}")
+    return parts
+
+
 def render() -> str:
     parts = [HEADER, "## Top level", "", "| key | environment | default | meaning |", "|---|---|---|---|",
              *_rows(Settings, ""), ""]
     for name, field in Settings.model_fields.items():
         section = field.annotation
         if isinstance(section, type) and issubclass(section, BaseModel):
-            doc = (section.__doc__ or "").strip().splitlines()[:1]
-            parts += [f"## `{name}`", "", *doc, "", "| key | environment | default | meaning |", "|---|---|---|---|",
-                      *_rows(section, f"{name}."), ""]
+            parts += _section(section, name)
     return "\n".join(parts)

@@ -61,7 +61,13 @@ class BNStatsHooks:
     def _hook(self, k: int, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0].float()  # bf16 activations under autocast: statistics in fp32
         dims = (0,) if x.dim() == 2 else (0, *range(2, x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        if x.device.type == "cpu":
+            # E[x^2] - E[x]^2: about 2x faster than var_mean's reduction on the CPU, and exact enough in fp32 for
+            # activations whose mean is not orders of magnitude above their spread.
+            mean = x.mean(dim=dims)
+            var = (x.square().mean(dim=dims) - mean.square()).clamp_min(0)
+        else:
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
         if self.blend > 0:
             key = (k, sum(j == k for j, _ in self._log))  # (layer, call) for a BatchNorm used twice
             if key in self._ema:

@@ -4,8 +4,11 @@ each batch costs K generator steps (a loop) instead of thousands of pixel steps.
 
 - A loop redraws the noisy layer (or a fresh trainable z), runs K Adam steps on the generator and emits the
   lowest-loss batch of the loop. Loops at the configured K train the shared generator.
-- A request at another step count (`iterations`, or `generator.serve_steps`) runs on a throwaway copy, so a small
-  single-class request never drags the shared generator; 0 steps is one forward pass.
+- A request at another step count (`iterations`, or `generator.serve_steps`) runs on a throwaway copy; 0 steps is one
+  forward pass. A request smaller than a batch runs inside a class-balanced batch, so a small single-class request
+  neither gets worse images nor drags the shared generator.
+- Memory (`generator.memory`): the teacher features of the last N emitted images; each step pushes new images away
+  from their nearest same-class one, so loops keep covering new ground instead of redrawing the same images.
 - Warm-up: a new generator first takes `warmup_steps` steps on class-balanced batches.
 - State (weights, loop count, the teacher it belongs to) is saved to `generator.checkpoint`, so a restarted service
   resumes warm.
@@ -53,7 +56,9 @@ class GeneratorSynthesizer(Synthesizer):
         self.loops = 0
         self.steps_trained = 0
         self.warmup_seconds: float | None = None
-        self._seed_stream = torch.Generator().manual_seed(0)  # generator inits and warm-up noise, reproducible
+        # Features and labels of recently emitted images (`generator.memory`), oldest first.
+        self._memory = (torch.empty(0, 0), torch.empty(0, dtype=torch.long))
+        self._seed_stream = torch.Generator().manual_seed(self.gcfg.seed)  # generator inits and warm-up noise, reproducible
         try:
             self.generator = self._new_generator()
             if self.gcfg.checkpoint is not None and Path(self.gcfg.checkpoint).is_file():
@@ -127,9 +132,10 @@ class GeneratorSynthesizer(Synthesizer):
             shared = iterations is None or iterations == self.gcfg.steps
             model = self.generator if shared else copy.deepcopy(self.generator)
             n = len(y)
-            if not shared and n < self.config.batch_size:
+            if n < self.config.batch_size:
                 # The generator's BatchNorm layers and the teacher's statistics loss both work on batch statistics:
-                # a small request runs inside a class-balanced batch like the ones the generator trained on.
+                # a small request runs inside a class-balanced batch like the ones the generator trained on, so it
+                # neither gets worse images nor drags the shared generator towards its few classes.
                 offset = seed % self.card.num_classes
                 fill = [(offset + i) % self.card.num_classes for i in range(self.config.batch_size - n)]
                 y = torch.cat([y, torch.tensor(fill, device=self.device)])
@@ -177,6 +183,9 @@ class GeneratorSynthesizer(Synthesizer):
             z = torch.randn(len(y), g.noise_dim, generator=gen).to(self.device).requires_grad_(steps > 0)
             groups.append({"params": [z], "lr": g.latent_lr})
         jitter = self.config.jitter
+        memory = None
+        if g.memory and len(self._memory[1]):
+            memory = (self._memory[0].to(self.device), self._memory[1].to(self.device), g.memory_weight)
         history = torch.zeros(max(1, steps), len(LOSS_TERMS), device=self.device)
         model.train()  # batch statistics in the generator's BatchNorm, as in every loop it trained in
         if steps == 0:
@@ -187,7 +196,7 @@ class GeneratorSynthesizer(Synthesizer):
             best_x, best_loss = None, torch.full((), float("inf"), device=self.device)
             for step in range(steps):
                 x = (model(y, z) - obj.mean) / obj.std
-                loss, terms = obj.loss_terms(obj.augment(x, size, jitter, gen), y, student)
+                loss, terms = obj.loss_terms(obj.augment(x, size, jitter, gen), y, student, memory)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -208,6 +217,9 @@ class GeneratorSynthesizer(Synthesizer):
                 self.objective._bn.reset_blend()
                 self.steps_trained = 0  # the next batch warms the new generator up first
         result = obj.finish(best_x, y, seed, steps, return_logits)
+        if g.memory and train_shared:
+            feats = torch.cat([self._memory[0], result.features]) if len(self._memory[1]) else result.features
+            self._memory = (feats[-g.memory:], torch.cat([self._memory[1], result.labels])[-g.memory:])
         result.history = {k: v for k, v in zip(LOSS_TERMS, history[:steps].t().cpu().tolist())} if steps else \
             {k: [] for k in LOSS_TERMS}
         result.phases = [(size, steps)]

@@ -64,8 +64,31 @@ def intra_class_divergence(features: torch.Tensor, labels: torch.Tensor) -> torc
     return -(sq_dist * same).sum() / pairs.clamp_min(1)
 
 
+def memory_repulsion(features: torch.Tensor, labels: torch.Tensor, memory: torch.Tensor,
+                     memory_labels: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    """Minus the mean squared distance from each L2-normalised feature to its nearest same-class `memory` feature.
+
+    Earlier batches' features (unit length, detached) act as the neighbours to move away from, so a persistent
+    generator keeps covering new ground across loops instead of redrawing what it already made. `active` (a bool per
+    image) limits the push to some images, e.g. those still inside their class by the BPID margin. Zero when no
+    active image has a same-class neighbour in memory.
+    """
+    if not len(memory):
+        return features.new_zeros(())
+    f = F.normalize(features, dim=1)
+    sq_dist = (2.0 - 2.0 * f @ memory.t()).clamp_min(0.0)
+    same = labels[:, None] == memory_labels[None, :]
+    nearest = sq_dist.masked_fill(~same, float("inf")).amin(dim=1)
+    has = same.any(dim=1) if active is None else same.any(dim=1) & active
+    return -(nearest[has]).sum() / has.sum().clamp_min(1)
+
+
+def target_lead(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image: the target logit minus the best other class's logit (negative when misclassified)."""
+    target = logits.gather(1, labels[:, None]).squeeze(1)
+    return target - logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+
+
 def boundary_margin(logits: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
     """BPID L_bp: mean hinge on the target logit's lead over the best other class, kept at least `margin`."""
-    target = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf"))
-    return F.relu(margin - (target - others.amax(dim=1))).mean()
+    return F.relu(margin - target_lead(logits, labels)).mean()

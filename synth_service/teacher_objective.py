@@ -21,13 +21,15 @@ from synth_service.losses import (
     intra_class_divergence,
     js_competition,
     l2_prior,
+    memory_repulsion,
+    target_lead,
     total_variation,
 )
 from synth_service.result import SynthResult
 from synth_service.teacher_features import TeacherHead
 
 # Order of the per-iteration loss history columns.
-LOSS_TERMS = ("loss", "ce", "bn", "tv_l1", "tv_l2", "l2", "competition", "diversity", "boundary")
+LOSS_TERMS = ("loss", "ce", "bn", "tv_l1", "tv_l2", "l2", "competition", "diversity", "boundary", "memory")
 
 
 class TeacherObjective:
@@ -144,12 +146,14 @@ class TeacherObjective:
             x = torch.flip(x, dims=(3,))
         return x
 
-    def loss_terms(self, x_view: torch.Tensor, y: torch.Tensor,
-                   student: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_terms(self, x_view: torch.Tensor, y: torch.Tensor, student: nn.Module | None = None,
+                   memory: tuple[torch.Tensor, torch.Tensor, float] | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its terms for one (already augmented) view, in the teacher's normalised space.
 
         `student` is the adversarial student for this step (the caller reads `self.student` once per batch, so a
-        hot swap never changes the student in the middle of one).
+        hot swap never changes the student in the middle of one). `memory` is (unit features, labels, weight) of
+        earlier images to move away from (`memory_repulsion`).
         """
         cfg = self.config
         logits, features, bn = self._forward(x_view)
@@ -164,6 +168,10 @@ class TeacherObjective:
             "competition": zero,
             "diversity": intra_class_divergence(features, y) if cfg.diversity > 0 else zero,
             "boundary": boundary_margin(logits, y, cfg.margin) if cfg.boundary > 0 else zero,
+            # Only images that still lead by the margin are pushed on, so the push never carries one out of its class.
+            "memory": memory_repulsion(features, y, memory[0], memory[1],
+                                       active=target_lead(logits.detach(), y) >= cfg.margin)
+            if memory is not None else zero,
         }
         if student is not None and cfg.competition > 0:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
@@ -172,6 +180,8 @@ class TeacherObjective:
         loss = (terms["ce"] + cfg.bn_weight * terms["bn"] + cfg.tv_l1 * terms["tv_l1"] + cfg.tv_l2 * terms["tv_l2"]
                 + cfg.l2 * terms["l2"] + cfg.competition * terms["competition"] + cfg.diversity * terms["diversity"]
                 + cfg.boundary * terms["boundary"])
+        if memory is not None:
+            loss = loss + memory[2] * terms["memory"]
         return loss, terms
 
     @torch.no_grad()
@@ -186,8 +196,7 @@ class TeacherObjective:
             self._bn.unfreeze(frozen)
         probs = logits.softmax(dim=1)
         ce = F.cross_entropy(logits, y, reduction="none")
-        target = logits.gather(1, y[:, None]).squeeze(1)
-        margin = target - logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+        margin = target_lead(logits, y)
         final_terms = {
             "ce": ce.mean(),
             "bn": (bn * self._bn_weights).sum(),

@@ -89,18 +89,41 @@ def test_a_bench_names_a_missing_teacher_in_one_line(bench, tmp_path):
 
 
 def test_synth_methods_prints_its_json_line(digits_teacher, teacher_dir):
-    res = subprocess.run([sys.executable, "bench/synth_methods.py", "--teacher", str(teacher_dir / "digits_cnn.json"),
-                          "--images", "20", "--batch", "20", "--iterations", "3", "--warmup-steps", "4", "--epochs", "1",
-                          "--split", "val"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "bench/synth_methods.py", "--teacher", str(teacher_dir / "digits_cnn.json"),
+           "--images", "20", "--batch", "20", "--iterations", "3", "--warmup-steps", "4", "--epochs", "1",
+           "--split", "val"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["bench"] == "synth_methods" and out["split"] == "val" and out["generator"]["warm"] is True
-    pools = out["pools"]
+    assert out["bench"] == "synth_methods" and out["split"] == "val" and len(out["results"]) == 1
+    run = out["results"][0]["runs"][0]
+    assert run["generator"]["warm"] is True
+    pools = run["pools"]
     assert pools["di"]["images"] == pools["generator_equal_images"]["images"] == 20
     assert pools["generator_equal_time"]["images"] >= 20  # a batch at least, in DI's time
     for pool in pools.values():
         assert pool["images_per_s"] > 0 and 0 <= pool["student_val_top1"] <= 1
         assert pool["verifier_top1"] is not None and pool["diversity"]["verifier"] is not None
+    assert [s["steps"] for s in run["serving"]] == [0, 10] and all(s["p50_ms"] > 0 for s in run["serving"])
+    summary = out["results"][0]["summary"]
+    assert summary["di"]["student_mean"] == pools["di"]["student_val_top1"]
+
+    # A grid over generator settings, two seeds each, the generator alone.
+    res = subprocess.run(cmd + ["--methods", "generator", "--seeds", "2", "--grid", "synth.generator.memory=0,40"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [r["settings"] for r in out["results"]] == [{"synth.generator.memory": 0}, {"synth.generator.memory": 40}]
+    for result in out["results"]:
+        assert [r["seed"] for r in result["runs"]] == [0, 1] and set(result["summary"]) == {"generator_equal_images"}
+        scores = [r["pools"]["generator_equal_images"]["student_val_top1"] for r in result["runs"]]
+        assert result["summary"]["generator_equal_images"]["student_min"] == min(scores)
+    # The seed changes the generator's pool.
+    a, b = out["results"][0]["runs"]
+    assert a["pools"]["generator_equal_images"]["diversity"] != b["pools"]["generator_equal_images"]["diversity"]
+    bad = subprocess.run(cmd[:4] + ["--grid", "synth.generator.nonsense=1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode != 0 and "nonsense" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_tune_digits_scores_on_validation_and_resumes(digits_teacher, teacher_dir, tmp_path):

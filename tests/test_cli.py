@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 
 
-def dfkd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def dfkd(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dfkd", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=None if env is None else os.environ | env)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_synth_bad_teachers(tmp_path):
 def test_cifar10_teacher_training_smoke(tmp_path):
     res = dfkd("teacher", "train", "--dataset", "cifar10", "--arch", "wrn_16_2", "--epochs", "1",
                "--train-limit", "256", "--test-limit", "256", "--out", str(tmp_path), "--name", "wrn",
-               "--device", "cpu", cwd=REPO)
+               "--device", "cpu", cwd=REPO, env={"DFKD_DATA__CIFAR10_DIR": str(CIFAR)})
     assert res.returncode == 0, res.stderr
     card = json.loads((tmp_path / "wrn.json").read_text())
     assert card["image_size"] == 32 and card["in_chans"] == 3 and card["class_names"][0] == "airplane"
@@ -92,7 +93,6 @@ def test_cifar10_teacher_training_smoke(tmp_path):
 
 
 def test_serve_runs_the_service(card_path, tmp_path):
-    import os
     import time
 
     import httpx

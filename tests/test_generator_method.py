@@ -41,6 +41,26 @@ def test_methods_are_registered_by_name(digits_teacher):
         Settings.load("digits", synth={"method": "gan"})
 
 
+def test_the_seed_sets_the_initial_weights(digits_teacher):
+    with create_synthesizer(digits_teacher, generator_settings(seed=0).synth) as a, \
+            create_synthesizer(digits_teacher, generator_settings(seed=1).synth) as b:
+        assert not torch.equal(a.generator.project.weight, b.generator.project.weight)
+
+
+def test_memory_pushes_new_images_away_from_recent_ones(digits_teacher):
+    with create_synthesizer(digits_teacher, generator_settings(memory=30, memory_weight=5.0).synth) as g:
+        g.warm_up()  # two loops of 20: the memory holds the last 30 images' features
+        features, labels = g._memory
+        assert len(features) == len(labels) == 30
+        result = g.synthesize(list(range(10)) * 2, seed=1)
+        assert features.shape[1] == result.features.shape[1]
+        assert all(v < 0 for v in result.history["memory"])  # a live term: minus a squared distance
+        assert torch.equal(g._memory[0][-20:], result.features)  # the newest batch joined it, the oldest left
+    with create_synthesizer(digits_teacher, generator_settings(memory=0).synth) as g:  # off
+        result = g.synthesize(list(range(10)) * 2, seed=1)
+        assert result.history["memory"] == [0.0] * 3 and len(g._memory[1]) == 0
+
+
 def test_upsampling_stages_reach_every_input_size():
     assert upsampling_stages(16) == (2, 4) and upsampling_stages(32) == (2, 8)
     assert upsampling_stages(224) == (5, 7) and upsampling_stages(299) == (6, 5)

@@ -14,6 +14,7 @@ from synth_service.losses import (
     intra_class_divergence,
     js_competition,
     l2_prior,
+    memory_repulsion,
     total_variation,
 )
 from logit_kd import kd_loss
@@ -49,15 +50,16 @@ def test_bn_hook_distance_matches_direct_statistics():
     bn.running_var.copy_(torch.rand(3) + 0.5)
     model = nn.Sequential(nn.Identity(), bn)
     hooks = BNStatsHooks(model)
-    x = torch.randn(4, 3, 5, 5)
-    model(x)
-    got = hooks.pop()
-    values = x.permute(1, 0, 2, 3).reshape(3, -1)
-    mean = values.mean(1)
-    var = ((values - mean[:, None]) ** 2).mean(1)  # biased, as BN uses in training
-    expected = (mean - bn.running_mean).norm() + (var - bn.running_var).norm()
-    assert got.shape == (1,)
-    assert float(got[0]) == pytest.approx(float(expected), rel=1e-5)
+    for shift in (0.0, 20.0):  # also a mean 40x the spread: the one-pass CPU statistics stay exact enough
+        x = torch.randn(4, 3, 5, 5) * 0.5 + shift
+        model(x)
+        got = hooks.pop()
+        values = x.double().permute(1, 0, 2, 3).reshape(3, -1)
+        mean = values.mean(1)
+        var = ((values - mean[:, None]) ** 2).mean(1)  # biased, as BN uses in training
+        expected = (mean - bn.running_mean).norm() + (var - bn.running_var).norm()
+        assert got.shape == (1,)
+        assert float(got[0]) == pytest.approx(float(expected), rel=1e-5)
     hooks.remove()
 
 
@@ -92,6 +94,28 @@ def test_intra_class_divergence_matches_pair_loop():
     assert float(intra_class_divergence(f, y)) == pytest.approx(expected, rel=1e-9)
     # No same-class pair: the term is zero, not NaN.
     assert float(intra_class_divergence(f[:3], torch.tensor([0, 1, 2]))) == 0.0
+
+
+def test_memory_repulsion_matches_nearest_neighbour_loop():
+    f = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 2, 4])
+    bank = torch.nn.functional.normalize(torch.randn(7, 6, dtype=torch.float64), dim=1)
+    bank_y = torch.tensor([0, 1, 1, 2, 2, 0, 3])
+    fn = f.detach() / f.detach().norm(dim=1, keepdim=True)
+    nearest = [min(float(((fn[i] - bank[j]) ** 2).sum()) for j in range(7) if bank_y[j] == y[i])
+               for i in range(5) if (bank_y == y[i]).any()]  # class 4 has no neighbour in memory: left out
+    loss = memory_repulsion(f, y, bank, bank_y)
+    assert float(loss) == pytest.approx(-sum(nearest) / len(nearest), rel=1e-9)
+    loss.backward()
+    assert f.grad[4].abs().sum() == 0 and f.grad[0].abs().sum() > 0  # only images with a neighbour move
+    assert float(memory_repulsion(f, y, bank[:0], bank_y[:0])) == 0.0
+    # Inactive images (e.g. already near their class boundary) are neither counted nor pushed.
+    f.grad = None
+    active = torch.tensor([False, True, True, True, True])
+    gated = memory_repulsion(f, y, bank, bank_y, active=active)
+    assert float(gated) == pytest.approx(-sum(nearest[1:]) / len(nearest[1:]), rel=1e-9)
+    gated.backward()
+    assert f.grad[0].abs().sum() == 0 and f.grad[1].abs().sum() > 0
 
 
 def test_boundary_margin_matches_hinge_loop():

@@ -15,8 +15,8 @@ PROJECT_MODELS = list_models()
 
 
 def test_the_registry_holds_the_project_models():
-    assert {"digits_cnn", "digits_cnn_small", "digits_lenet", "resnet18_cifar", "resnet34_cifar",
-            "wrn_40_2", "wrn_16_2"} <= set(PROJECT_MODELS)
+    assert {"digits_cnn", "digits_cnn_small", "digits_lenet", "resnet8", "resnet20", "resnet18_cifar",
+            "resnet34_cifar", "wrn_40_2", "wrn_16_2"} <= set(PROJECT_MODELS)
 
 
 @pytest.mark.parametrize("name", PROJECT_MODELS)
@@ -32,9 +32,17 @@ def test_every_project_model_follows_the_head_protocol(name):
 
 
 @pytest.mark.parametrize("name,params", [("resnet18_cifar", 11_173_962), ("wrn_40_2", 2_243_546),
-                                         ("wrn_16_2", 691_674), ("resnet34_cifar", 21_282_122)])
+                                         ("wrn_16_2", 691_674), ("resnet34_cifar", 21_282_122),
+                                         ("resnet20", 272_474), ("resnet8", 78_042)])
 def test_cifar_nets_have_the_standard_sizes(name, params):
     assert sum(p.numel() for p in create_model(name, num_classes=10).parameters()) == params
+
+
+def test_cifar_resnet_depth_must_be_6n_plus_2():
+    from shared.models.cifar_resnet import _thin_resnet
+    assert len(_thin_resnet(32, 10, 3).stages[0]) == 5
+    with pytest.raises(ValueError, match="6n\\+2"):
+        _thin_resnet(21, 10, 3)
 
 
 def test_timm_models_by_name():

@@ -1,4 +1,6 @@
-"""ResNet-18/34 for 32x32 inputs: 3x3 stem, no max-pool (the standard data-free KD CIFAR variants)."""
+"""ResNets for 32x32 inputs, 3x3 stem and no max-pool: ResNet-18/34 (four stages, 64-512 channels, the standard
+data-free KD variants) and He et al.'s CIFAR ResNet-8/20 (three stages of 16/32/64 channels, depth 6n+2), small
+enough to train and invert on a CPU."""
 from __future__ import annotations
 
 import torch
@@ -27,12 +29,30 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(PooledClassifier):
-    def __init__(self, layers: tuple[int, ...], num_classes: int = 10, in_chans: int = 3):
+    def __init__(self, layers: tuple[int, ...], num_classes: int = 10, in_chans: int = 3,
+                 widths: tuple[int, ...] = (64, 128, 256, 512)):
         super().__init__()
-        self.stem = conv_bn_relu(in_chans, 64)
-        self.stages = residual_stages(BasicBlock, 64, (64, 128, 256, 512), layers)
+        self.stem = conv_bn_relu(in_chans, widths[0])
+        self.stages = residual_stages(BasicBlock, widths[0], widths, layers)
         self.final = nn.Identity()
-        self._init_head(512, num_classes)
+        self._init_head(widths[-1], num_classes)
+
+
+def _thin_resnet(depth: int, num_classes: int, in_chans: int) -> CifarResNet:
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    return CifarResNet((n, n, n), num_classes, in_chans, widths=(16, 32, 64))
+
+
+@register_model
+def resnet8(num_classes: int = 10, in_chans: int = 3) -> CifarResNet:
+    return _thin_resnet(8, num_classes, in_chans)
+
+
+@register_model
+def resnet20(num_classes: int = 10, in_chans: int = 3) -> CifarResNet:
+    return _thin_resnet(20, num_classes, in_chans)
 
 
 @register_model
