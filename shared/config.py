@@ -149,20 +149,30 @@ class TeacherRecipe(BaseModel):
     label_smoothing: float | None = Field(None, ge=0, lt=1)
     crop_padding: int | None = Field(None, ge=0)
     flip: bool | None = None
+    channels_last: bool | None = Field(None, description="channels-last memory format (always on a GPU; on the CPU "
+                                                          "it trains CIFAR's ResNet-20 about 1.4x faster)")
     train_limit: int | None = Field(None, ge=1, description="use only the first N training images (smoke tests)")
     test_limit: int | None = Field(None, ge=1, description="evaluate on only the first N held-out images")
     seed: int = Field(0, ge=0)
 
     def resolved(self) -> "TeacherRecipe":
-        preset = TEACHER_PRESETS[self.dataset]
+        preset = dict(TEACHER_PRESETS[self.dataset])
+        preset |= ARCH_RECIPES.get((self.dataset, self.arch or preset["arch"]), {})
         return self.model_copy(update={k: v for k, v in preset.items() if getattr(self, k) is None})
 
 
 TEACHER_PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(arch="digits_cnn", epochs=20, batch_size=64, optimizer="adamw", lr=3e-3, weight_decay=5e-4,
-                   label_smoothing=0.0, crop_padding=2, flip=False),
+                   label_smoothing=0.0, crop_padding=2, flip=False, channels_last=False),
     "cifar10": dict(arch="wrn_40_2", epochs=200, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4,
-                    label_smoothing=0.0, crop_padding=4, flip=True),
+                    label_smoothing=0.0, crop_padding=4, flip=True, channels_last=True),
+}
+
+
+# Recipes for particular (dataset, arch) pairs, over the dataset's preset. ResNet-20 is the CPU teacher: a short
+# one-cycle schedule with label smoothing that fits an hour on 2 cores.
+ARCH_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    ("cifar10", "resnet20"): dict(epochs=32, batch_size=128, lr=0.2, weight_decay=5e-4, label_smoothing=0.1),
 }
 
 

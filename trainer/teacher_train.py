@@ -15,6 +15,7 @@ from shared.data.splits import ImageSplit
 from shared.models import create_model
 from shared.teacher import Teacher, TeacherCard
 from shared.weights import fingerprint, save_weights
+from trainer.teacher_resume import load_progress, save_progress
 
 
 # Cards record this; a cached teacher trained on another split (before validation images were held out) is stale.
@@ -65,8 +66,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean: torch.Ten
 def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: str | None = None,
                   device: torch.device | str = "cpu",
                   log: Callable[[str], None] = print) -> tuple[Teacher, Path]:
-    """Train, evaluate on the held-out split, write `<name>.safetensors` and `<name>.json`; return the card path."""
+    """Train, evaluate on the held-out split, write `<name>.safetensors` and `<name>.json`; return the card path.
+
+    After every epoch the state is saved to `<name>.progress.safetensors`; a run of the same recipe started again
+    resumes from it, and the file is removed once the teacher is written.
+    """
     r = recipe.resolved()
+    name = name or f"{r.dataset}_{r.arch}"
+    out_dir = Path(out_dir)
     device = torch.device(device)
     torch.manual_seed(r.seed)
     gen = torch.Generator().manual_seed(r.seed)
@@ -76,7 +83,8 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
     in_chans, size = split.x_train.shape[1], split.x_train.shape[-1]
     model = create_model(r.arch, num_classes=len(class_names), in_chans=in_chans).to(device)
     on_cuda = device.type == "cuda"
-    if on_cuda:
+    channels_last = on_cuda or bool(r.channels_last)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     mean = torch.tensor(mean_t, device=device).view(1, -1, 1, 1)
     std = torch.tensor(std_t, device=device).view(1, -1, 1, 1)
@@ -90,7 +98,17 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
         opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=total_steps, pct_start=0.15)
 
-    for epoch in range(r.epochs):
+    progress_path = out_dir / f"{name}.progress.safetensors"
+    recipe_key = r.model_dump(mode="json") | {"device": str(device), "split": SPLIT_VERSION}
+    first_epoch, spent_before = 0, 0.0
+    resumed = load_progress(progress_path, model, opt, sched, gen, recipe_key)
+    if resumed is not None:
+        first_epoch, spent_before = resumed
+        log(f"resuming after epoch {first_epoch}/{r.epochs} from {progress_path}")
+    started -= spent_before  # train_seconds counts every run of this recipe
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    for epoch in range(first_epoch, r.epochs):
         model.train()
         perm = torch.randperm(len(y_train), generator=gen).to(device)
         running = torch.zeros((), device=device)
@@ -98,6 +116,8 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
             idx = perm[s * r.batch_size:(s + 1) * r.batch_size]
             xb = random_crop_flip(x_train[idx], r.crop_padding, r.flip, gen)
             xb = (xb - mean) / std
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                 loss = F.cross_entropy(model(xb).float(), y_train[idx], label_smoothing=r.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -106,7 +126,11 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
             sched.step()
             running += loss.detach()
         if epoch == r.epochs - 1 or (epoch + 1) % max(1, r.epochs // 10) == 0:
-            log(f"epoch {epoch + 1}/{r.epochs} loss {running.item() / steps_per_epoch:.4f}")
+            log(f"epoch {epoch + 1}/{r.epochs} loss {running.item() / steps_per_epoch:.4f} "
+                f"({time.perf_counter() - started:.0f}s)")
+        if epoch < r.epochs - 1:
+            save_progress(progress_path, model, opt, sched, gen, epoch + 1, recipe_key,
+                          time.perf_counter() - started)
 
     model = model.to(memory_format=torch.contiguous_format)
     val_accuracy = evaluate(model, split.x_val, split.y_val, mean, std)
@@ -115,8 +139,6 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
     log(f"validation accuracy {val_accuracy:.4f} ({len(split.y_val)} images), test accuracy {accuracy:.4f} "
         f"({len(split.y_test)} images) in {seconds:.1f}s")
 
-    name = name or f"{r.dataset}_{r.arch}"
-    out_dir = Path(out_dir)
     weights_path = out_dir / f"{name}.safetensors"
     save_weights(model, weights_path)
     card = TeacherCard(
@@ -131,4 +153,5 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
     )
     card_path = out_dir / f"{name}.json"
     card.write(card_path)
+    progress_path.unlink(missing_ok=True)
     return Teacher(model.cpu().eval(), card), card_path
