@@ -47,6 +47,15 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher_half(args: argparse.Namespace) -> int:
+    from trainer.teacher_half import write_half_teacher
+
+    s = _settings(args)
+    card = write_half_teacher(Path(args.card), s.data, Path(args.out), name=args.name)
+    print(f"teacher card: {card}")
+    return 0
+
+
 def cmd_teacher_import(args: argparse.Namespace) -> int:
     from shared.teacher_import import import_teacher
 
@@ -233,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="file stem for the weights and card")
     p.add_argument("--out", help="output folder (default: <runs_dir>/teachers)")
     p.set_defaults(func=cmd_teacher_train)
+    p = teacher.add_parser("half", help="an fp16 copy of a trained teacher (half the bytes), its accuracies "
+                                        "measured again with the rounded weights")
+    common(p)
+    p.add_argument("card", help="the trained teacher's JSON card")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--name", help="file stem (default: the card's name)")
+    p.set_defaults(func=cmd_teacher_half)
     p = teacher.add_parser("import", help="make a teacher card + safetensors from local weights or timm's "
                                           "pretrained weights (the one command that may download)")
     p.add_argument("arch", help="model name (see `dfkd models`), e.g. resnet50")

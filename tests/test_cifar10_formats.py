@@ -283,3 +283,21 @@ def test_the_cifar10_preset_names_no_folder(monkeypatch):
     assert settings.data.cifar10_dir is None
     assert "../shared" not in settings.model_dump_json() and "../shared" not in (
         PRESETS_DIR / "cifar10.yaml").read_text()
+
+
+def test_export_reads_every_layout(tmp_path, pixels):
+    """`dfkd export cifar10` from torchvision's batches: lossless PNGs named by position, split as the loaders split."""
+    from trainer.imagefolder_export import export_cifar10
+
+    root = write_batches(tmp_path / "cifar-10-batches-py", pixels)
+    x, y = pixels["train"]
+    idx_train, _ = train_val_positions(y)
+    counts = export_cifar10(root, tmp_path / "train", "train")
+    assert sum(counts.values()) == len(idx_train)
+    for i in idx_train.tolist():
+        written = np.asarray(Image.open(tmp_path / "train" / CLASS_NAMES[y[i]] / f"{i:05d}.png"))
+        assert np.array_equal(written, x[i])
+    counts = export_cifar10(root, tmp_path / "test", "test")
+    assert counts == dict.fromkeys(CLASS_NAMES, 1)
+    with pytest.raises(FileNotFoundError, match="DFKD_DATA__CIFAR10_DIR"):
+        export_cifar10(None, tmp_path / "none", "train")

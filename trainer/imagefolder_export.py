@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from shared.data.cifar10 import CLASS_NAMES as CIFAR10_CLASSES, train_val_positions
+from shared.data.cifar10_formats import open_split
 from shared.data.digits import CLASS_NAMES as DIGITS_CLASSES, load_digits_split
 from shared.data.splits import stratified_subset
 
@@ -32,32 +33,31 @@ def export_digits(out_dir: Path, image_size: int = 16, split: Split = "train", *
     return _write_tree(Path(out_dir), DIGITS_CLASSES, labels, stratified_subset(labels, partial_fraction, seed), write)
 
 
-def export_cifar10(root: Path, out_dir: Path, split: Split = "train", limit: int | None = None, *,
+def export_cifar10(root: Path | None, out_dir: Path, split: Split = "train", limit: int | None = None, *,
                    partial_fraction: float = 1.0, seed: int = 0) -> dict[str, int]:
-    """CIFAR-10: train and val images as their original JPEG bytes (no re-encode), test images as PNGs of `test.npz`.
+    """CIFAR-10 from any layout `shared.data.cifar10_formats` reads, as PNGs; train and val images of the JPEG copy
+    (`train_jpeg.npz`) keep their original JPEG bytes instead (no re-encode).
 
-    `limit` keeps the first `limit` images of `train_jpeg.npz` (train and val are carved from those) or of
-    `test.npz`; `partial_fraction` then keeps a stratified share of the split. File names are indices into the npz.
+    `limit` keeps the first `limit` images of the training (train and val are carved from those) or test order;
+    `partial_fraction` then keeps a stratified share of the split. File names are positions in that order.
     Returns images per class.
     """
-    root = Path(root)
-    name = "test.npz" if _check_split(split) == "test" else "train_jpeg.npz"
-    if not (root / name).is_file():
-        raise FileNotFoundError(f"CIFAR-10 file {root / name} not found (set DFKD_DATA__CIFAR10_DIR)")
-    data = np.load(root / name)
-    labels = data["y"][:limit].astype(np.int64)
+    reader = open_split(root, "test" if _check_split(split) == "test" else "train")
+    labels = reader.labels[:limit]
     members = np.arange(len(labels))
     if split != "test":
         members = train_val_positions(labels)[0 if split == "train" else 1]
     keep = members[stratified_subset(labels[members], partial_fraction, seed)]
 
-    if split != "test":
+    jpeg_copy = Path(root) / "train_jpeg.npz" if root is not None else None
+    if split != "test" and jpeg_copy is not None and jpeg_copy.is_file():
+        data = np.load(jpeg_copy)
         buf, offsets = data["jpeg"], data["offsets"]
 
         def write(i: int, path: Path) -> None:
             path.with_suffix(".jpg").write_bytes(buf[offsets[i]:offsets[i + 1]].tobytes())
     else:
-        pixels = data["x"]
+        pixels = dict(zip(keep.tolist(), reader.images(keep)))  # decodes only the kept images
 
         def write(i: int, path: Path) -> None:
             Image.fromarray(pixels[i]).save(path.with_suffix(".png"))
