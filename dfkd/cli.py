@@ -48,10 +48,11 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_half(args: argparse.Namespace) -> int:
+    from shared.config import resolve_device
     from trainer.teacher_half import write_half_teacher
 
     s = _settings(args)
-    card = write_half_teacher(Path(args.card), s.data, Path(args.out), name=args.name)
+    card = write_half_teacher(Path(args.card), s.data, Path(args.out), name=args.name, device=resolve_device(s.device))
     print(f"teacher card: {card}")
     return 0
 
@@ -237,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["digits", "cifar10"])
     p.add_argument("--arch", help="model name (see `dfkd models`)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--train-limit", type=int, help="use only the first N training images")
-    p.add_argument("--test-limit", type=int, help="evaluate on only the first N held-out images")
+    p.add_argument("--train-limit", type=int, help="use only N training images, the same share of each class")
+    p.add_argument("--test-limit", type=int, help="evaluate on only N test images, the same share of each class")
     p.add_argument("--name", help="file stem for the weights and card")
     p.add_argument("--out", help="output folder (default: <runs_dir>/teachers)")
     p.set_defaults(func=cmd_teacher_train)
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("card", help="the trained teacher's JSON card")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--name", help="file stem (default: the card's name)")
+    p.add_argument("--name", help="file stem (default: the card's name; needed when --out is the card's folder)")
     p.set_defaults(func=cmd_teacher_half)
     p = teacher.add_parser("import", help="make a teacher card + safetensors from local weights or timm's "
                                           "pretrained weights (the one command that may download)")

@@ -10,8 +10,8 @@ each batch costs K generator steps (a loop) instead of thousands of pixel steps.
 - Memory (`generator.memory`): the teacher features of the last N emitted images; each step pushes new images away
   from their nearest same-class one, so loops keep covering new ground instead of redrawing the same images.
 - Warm-up: a new generator first takes `warmup_steps` steps on class-balanced batches.
-- State (weights, loop count, the teacher it belongs to) is saved to `generator.checkpoint`, so a restarted service
-  resumes warm.
+- State (weights, loop count, the memory, the teacher it belongs to) is saved to `generator.checkpoint`, so a
+  restarted service resumes warm.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ from synth_service.teacher_objective import LOSS_TERMS, TeacherObjective
 
 # Settings that shape the generator's weights: a checkpoint made with others cannot be loaded.
 _SHAPE_FIELDS = ("embedding", "noise", "embed_dim", "noise_dim", "width")
+# The memory's tensors in the checkpoint, beside the generator's (no module of it is named "memory").
+_MEMORY_KEYS = ("memory.features", "memory.labels")
 
 
 @register_synthesizer("generator")
@@ -233,6 +235,8 @@ class GeneratorSynthesizer(Synthesizer):
     def _save(self, path: Path) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in self.generator.state_dict().items()
                  if not k.startswith("noise_params")}
+        if len(self._memory[1]):
+            state |= {k: v.detach().cpu().contiguous() for k, v in zip(_MEMORY_KEYS, self._memory)}
         meta = {"teacher_fingerprint": self.card.fingerprint, "loops": str(self.loops),
                 "steps_trained": str(self.steps_trained),
                 "shape": json.dumps({k: getattr(self.gcfg, k) for k in _SHAPE_FIELDS}, sort_keys=True),
@@ -257,6 +261,10 @@ class GeneratorSynthesizer(Synthesizer):
         if meta.get("shape") != shape:
             raise DfkdError(f"synth.generator.checkpoint {str(path)!r} has another generator shape "
                             f"({meta.get('shape')}, now {shape}); move it away or restore those settings")
+        memory = [state.pop(k) for k in _MEMORY_KEYS if k in state]  # older checkpoints have none
+        if memory and (len(memory) != 2 or memory[0].ndim != 2 or memory[1].shape != memory[0].shape[:1]):
+            raise DfkdError(f"synth.generator.checkpoint {str(path)!r} holds a damaged memory "
+                            f"({[tuple(t.shape) for t in memory]}); move it away")
         missing, unexpected = self.generator.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise DfkdError(f"synth.generator.checkpoint {str(path)!r} does not match the generator "
@@ -264,5 +272,7 @@ class GeneratorSynthesizer(Synthesizer):
         self.loops = int(meta.get("loops", 0))
         self.steps_trained = int(meta.get("steps_trained", 0))
         self.warmup_seconds = float(meta.get("warmup_seconds", 0.0)) or None
+        if memory and self.gcfg.memory:
+            self._memory = (memory[0][-self.gcfg.memory:], memory[1][-self.gcfg.memory:])
         self.log(f"generator resumed from {path} ({self.loops} loops, {self.steps_trained} steps)")
 

@@ -171,6 +171,33 @@ def test_train_and_test_limits(tmp_path, pixels):
     assert len(split.y_train) + len(split.y_val) == 10 and len(split.y_test) == 3
 
 
+@pytest.fixture(scope="module")
+def four_per_class() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Four train and two test images per class, grouped by class."""
+    rng = np.random.default_rng(1)
+    return {"train": (rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.repeat(np.arange(10), 4)),
+            "test": (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.repeat(np.arange(10), 2))}
+
+
+def test_limits_keep_the_same_share_of_every_class_of_an_image_folder(tmp_path, four_per_class):
+    """An ImageFolder tree lists its images class by class: a limit must not keep only the first classes."""
+    from trainer.imagefolder_export import export_cifar10
+
+    root = write_image_folder(tmp_path / "folder", four_per_class)
+    split = load_cifar10_split(root, train_limit=20, test_limit=10)
+    assert torch.bincount(torch.cat([split.y_train, split.y_val]), minlength=10).tolist() == [2] * 10
+    assert torch.bincount(split.y_val, minlength=10).tolist() == [1] * 10
+    assert torch.bincount(split.y_test, minlength=10).tolist() == [1] * 10
+    x_val, y_val = load_cifar10_images(root, "val", limit=20)
+    x_test, y_test = load_cifar10_images(root, "test", limit=10)
+    assert torch.equal(x_val, split.x_val) and torch.equal(y_val, split.y_val)
+    assert torch.equal(x_test, split.x_test) and torch.equal(y_test, split.y_test)
+    assert export_cifar10(root, tmp_path / "test", "test", limit=10) == dict.fromkeys(CLASS_NAMES, 1)
+    assert export_cifar10(root, tmp_path / "train", "train", limit=20) == dict.fromkeys(CLASS_NAMES, 1)
+    exported = sorted(int(p.stem) for p in (tmp_path / "train").rglob("*.png"))
+    assert exported == train_val_positions(four_per_class["train"][1], 20)[0].tolist()
+
+
 @pytest.mark.skipif(not (REAL_COPY / "train_jpeg.npz").is_file(), reason=f"no CIFAR-10 copy at {REAL_COPY}")
 def test_the_real_jpeg_copy_matches_an_image_folder_of_its_bytes(tmp_path):
     data = np.load(REAL_COPY / "train_jpeg.npz")
@@ -255,6 +282,88 @@ def test_unknown_class_folders_are_refused(tmp_path, pixels):
         load_cifar10_split(root)
 
 
+def test_a_batch_that_fails_in_any_other_way_is_named(tmp_path, pixels):
+    folder = write_batches(tmp_path / "cifar-10-batches-py", pixels)
+
+    class BadDtype:  # an allowed global called with arguments it refuses: TypeError, not UnpicklingError
+        def __reduce__(self):
+            return np.dtype, ("nonsense",)
+
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": BadDtype()}, protocol=4))
+    with pytest.raises(Cifar10FormatError, match="not a readable CIFAR-10 batch .*TypeError") as err:
+        load_cifar10_images(folder, "test")
+    assert str(folder / "test_batch") in str(err.value)
+
+
+def write_npz_copy(root: Path, pixels, test_file: str = "test.npz") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    write_jpeg_npz(root / "train_jpeg.npz", *pixels["train"])
+    if test_file == "test.npz":
+        np.savez(root / "test.npz", x=decode_jpegs(jpeg_bytes(pixels["test"][0])), y=pixels["test"][1])
+    else:
+        write_jpeg_npz(root / "test_jpeg.npz", *pixels["test"])
+    return root
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda x, y: (x.astype(np.float32), y), "'x' must be uint8 \\(10, 32, 32, 3\\).*float32"),
+    (lambda x, y: (x[:9], y), "'x' must be uint8 \\(10, 32, 32, 3\\).*\\(9, 32, 32, 3\\)"),
+    (lambda x, y: (x[:, :16], y), "\\(10, 16, 32, 3\\)"),
+])
+def test_a_malformed_test_npz_is_refused(tmp_path, pixels, change, message):
+    root = write_npz_copy(tmp_path, pixels)
+    x, y = change(*pixels["test"])
+    np.savez(root / "test.npz", x=x, y=y)
+    with pytest.raises(Cifar10FormatError, match=message) as err:
+        load_cifar10_images(root, "test")
+    assert str(root / "test.npz") in str(err.value)
+
+
+def test_jpeg_offsets_must_fit_the_labels_and_the_bytes(tmp_path, pixels):
+    root = write_npz_copy(tmp_path, pixels)
+    data = dict(np.load(root / "train_jpeg.npz"))
+    np.savez(root / "train_jpeg.npz", **data | {"offsets": data["offsets"][:-1]})
+    with pytest.raises(Cifar10FormatError, match="'offsets' must be 21 integers .*20 labels"):
+        load_cifar10_split(root)
+    np.savez(root / "train_jpeg.npz", **data | {"offsets": data["offsets"] + 10})
+    with pytest.raises(Cifar10FormatError, match="within the .* bytes of 'jpeg'"):
+        load_cifar10_split(root)
+    np.savez(root / "train_jpeg.npz", jpeg=data["jpeg"], y=data["y"])
+    with pytest.raises(Cifar10FormatError, match="train_jpeg.npz has no offsets array"):
+        load_cifar10_split(root)
+    (root / "train_jpeg.npz").write_bytes(b"not a zip")
+    with pytest.raises(Cifar10FormatError, match="train_jpeg.npz is not a readable npz file"):
+        load_cifar10_split(root)
+
+
+@pytest.mark.parametrize("bad,message", [(Image.new("RGB", (16, 16)), "16x16 RGB"),
+                                         (Image.new("L", (32, 32)), "32x32 L"),
+                                         (None, "not a readable JPEG")])
+def test_a_jpeg_that_is_not_32x32_rgb_is_named_by_file_and_index(tmp_path, pixels, bad, message):
+    x, y = pixels["test"]
+    blobs = jpeg_bytes(x)
+    if bad is None:
+        blobs[3] = blobs[3][:40]  # cut off mid-header
+    else:
+        buf = io.BytesIO()
+        bad.save(buf, format="JPEG")
+        blobs[3] = buf.getvalue()
+    root = write_npz_copy(tmp_path, pixels, "test_jpeg.npz")
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    np.savez(root / "test_jpeg.npz", jpeg=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets, y=y)
+    with pytest.raises(Cifar10FormatError, match=message) as err:
+        load_cifar10_images(root, "test")
+    assert f"{root / 'test_jpeg.npz'}: image 3 " in str(err.value)
+
+
+def test_hidden_folders_are_skipped_like_hidden_files(tmp_path, pixels):
+    root = write_image_folder(tmp_path, pixels)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(pixels["train"][0][0]).save(root / "train" / ".ipynb_checkpoints" / "00000.png")
+    (root / "train" / "cat" / ".thumbnails").mkdir()
+    assert_split_equals(load_cifar10_split(root), write_image_folder(tmp_path / "clean", pixels))
+
+
 @pytest.mark.parametrize("where", ["unset", "missing", "empty"])
 def test_no_data_names_the_three_layouts_and_how_to_point_at_them(tmp_path, where):
     root = {"unset": None, "missing": tmp_path / "nowhere", "empty": tmp_path}[where]
@@ -262,6 +371,7 @@ def test_no_data_names_the_three_layouts_and_how_to_point_at_them(tmp_path, wher
         load_cifar10_split(root)
     message = str(err.value)
     assert all(hint in message for hint in LAYOUT_HINTS), message
+    assert "data.cifar10_dir" in message and "--data" not in message  # no command has a --data option
     assert ("data.cifar10_dir is not set" if root is None else str(root)) in message
 
 
@@ -301,3 +411,38 @@ def test_export_reads_every_layout(tmp_path, pixels):
     assert counts == dict.fromkeys(CLASS_NAMES, 1)
     with pytest.raises(FileNotFoundError, match="DFKD_DATA__CIFAR10_DIR"):
         export_cifar10(None, tmp_path / "none", "train")
+
+
+@pytest.mark.parametrize("test_file", ["test.npz", "test_jpeg.npz"])
+def test_export_of_the_jpeg_copy_keeps_its_bytes(tmp_path, pixels, test_file):
+    root = write_npz_copy(tmp_path / "npz", pixels, test_file)
+    from trainer.imagefolder_export import export_cifar10
+
+    for split, source in (("train", pixels["train"]), ("test", pixels["test"])):
+        export_cifar10(root, tmp_path / split, split)
+        blobs = jpeg_bytes(source[0])
+        if split == "test" and test_file == "test.npz":  # decoded pixels only: lossless PNGs
+            files = sorted((tmp_path / split).rglob("*.png"))
+            assert [np.asarray(Image.open(p)).tobytes() for p in files] == [
+                decode_jpegs([blobs[int(p.stem)]])[0].tobytes() for p in files]
+        else:
+            files = sorted((tmp_path / split).rglob("*.jpg"))
+            assert files and [p.read_bytes() for p in files] == [blobs[int(p.stem)] for p in files]
+
+
+def test_export_takes_the_bytes_of_the_layout_it_reads(tmp_path, pixels):
+    """A folder with torchvision's batches and a JPEG copy of other images: the batches are read (the first layout
+    that matches), so no JPEG bytes of the other copy may be mixed in."""
+    from trainer.imagefolder_export import export_cifar10
+
+    write_batches(tmp_path / "data" / "cifar-10-batches-py", pixels)
+    other = {"train": (255 - pixels["train"][0], pixels["train"][1][::-1].copy()), "test": pixels["test"]}
+    write_npz_copy(tmp_path / "data", other)
+    counts = export_cifar10(tmp_path / "data", tmp_path / "out", "train")
+    x, y = pixels["train"]
+    files = sorted((tmp_path / "out").rglob("*.*"))
+    assert len(files) == sum(counts.values()) == len(train_val_positions(y)[0])
+    for path in files:
+        i = int(path.stem)
+        assert path.suffix == ".png" and path.parent.name == CLASS_NAMES[y[i]]
+        assert np.array_equal(np.asarray(Image.open(path)), x[i])

@@ -20,7 +20,7 @@ from trainer.mixing import REAL, SYNTHETIC, MixInSampler  # noqa: E402
 
 CIFAR_ROOT = Path(__file__).resolve().parents[2] / "shared/data/cifar10"
 CIFAR_MEAN, CIFAR_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
-N_CIFAR = 222  # the first 222 training images: 200 train, 22 validation
+N_CIFAR = 220  # 220 training images, 22 of each class: 200 train, 20 validation
 N_CIFAR_TRAIN = 200
 FULL_VIEW = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))  # the crop is the whole image: pixels stay comparable
 
@@ -72,9 +72,9 @@ def test_export_cifar10_keeps_the_original_jpeg_bytes(cifar_root, cifar_dir):
     data = np.load(cifar_root / "train_jpeg.npz")
     buf, offsets, y = data["jpeg"], data["offsets"], data["y"]
     files = sorted(cifar_dir.glob("*/*.jpg"))
-    train, val = train_val_positions(y[:N_CIFAR])
+    train, val = train_val_positions(y, N_CIFAR)
     assert sorted(int(p.stem) for p in files) == train.tolist() and len(train) == N_CIFAR_TRAIN  # val stays out
-    assert len(val) == sum(max(1, round(0.1 * int((y[:N_CIFAR] == c).sum()))) for c in range(10))
+    assert np.bincount(y[val], minlength=10).tolist() == [2] * 10
     for path in files:
         i = int(path.stem)
         assert path.parent.name == CIFAR10_CLASSES[y[i]]
@@ -85,7 +85,7 @@ def test_export_cifar10_test_split_is_lossless_png(cifar_root, tmp_path):
     counts = export_cifar10(cifar_root, tmp_path / "test", "test", limit=30)
     test = np.load(cifar_root / "test.npz")
     files = sorted((tmp_path / "test").glob("*/*.png"))
-    assert sum(counts.values()) == len(files) == 30
+    assert counts == dict.fromkeys(CIFAR10_CLASSES, 3) and len(files) == 30
     for path in files:
         i = int(path.stem)
         assert path.parent.name == CIFAR10_CLASSES[test["y"][i]]
@@ -93,8 +93,8 @@ def test_export_cifar10_test_split_is_lossless_png(cifar_root, tmp_path):
 
 
 def test_partial_fraction_keeps_a_seeded_stratified_share(cifar_root, tmp_path):
-    y = np.load(cifar_root / "train_jpeg.npz")["y"][:2000]
-    y = y[train_val_positions(y)[0]]
+    y = np.load(cifar_root / "train_jpeg.npz")["y"]
+    y = y[train_val_positions(y, 2000)[0]]
     counts = export_cifar10(cifar_root, tmp_path / "a", "train", limit=2000, partial_fraction=0.1, seed=3)
     assert counts == {name: round(0.1 * int((y == c).sum())) for c, name in enumerate(CIFAR10_CLASSES)}
     again = export_cifar10(cifar_root, tmp_path / "b", "train", limit=2000, partial_fraction=0.1, seed=3)

@@ -3,6 +3,8 @@ private copies for requests, the noisy layer, the BN-statistics blend, and a che
 import pytest
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from shared.config import Settings
 from shared.errors import DfkdError, InvalidRequestError
@@ -136,6 +138,27 @@ def test_checkpoint_resumes_warm_and_refuses_a_foreign_one(digits_teacher, tmp_p
     path.write_bytes(b"not safetensors")
     with pytest.raises(DfkdError, match="not a readable safetensors"):
         create_synthesizer(digits_teacher, s.synth)
+
+
+def test_the_checkpoint_keeps_the_memory_and_older_checkpoints_still_load(digits_teacher, tmp_path):
+    path = tmp_path / "generator.safetensors"
+    s = generator_settings(checkpoint=path, memory=30)
+    with create_synthesizer(digits_teacher, s.synth) as g:
+        g.synthesize(list(range(10)) * 2, seed=0)  # two warm-up loops and one more: 60 images, the last 30 kept
+        features, labels = (t.clone() for t in g._memory)
+        loops = g.loops
+    assert len(labels) == 30
+    with create_synthesizer(digits_teacher, s.synth) as again:  # the restarted service pushes away from them at once
+        assert torch.equal(again._memory[0], features) and torch.equal(again._memory[1], labels)
+    with create_synthesizer(digits_teacher, generator_settings(checkpoint=path, memory=10).synth) as fewer:
+        assert torch.equal(fewer._memory[0], features[-10:]) and torch.equal(fewer._memory[1], labels[-10:])
+    with create_synthesizer(digits_teacher, generator_settings(checkpoint=path, memory=0).synth) as off:
+        assert len(off._memory[1]) == 0
+    with safe_open(str(path), framework="pt") as f:  # a checkpoint written before the memory was saved
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith("memory.")}
+    save_file(state, str(path), metadata=meta)
+    with create_synthesizer(digits_teacher, s.synth) as old:
+        assert old.loops == loops and old.warm and len(old._memory[1]) == 0
 
 
 def test_bn_blend_mixes_running_statistics_of_earlier_batches():

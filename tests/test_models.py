@@ -16,7 +16,13 @@ PROJECT_MODELS = list_models()
 
 def test_the_registry_holds_the_project_models():
     assert {"digits_cnn", "digits_cnn_small", "digits_lenet", "resnet8", "resnet20", "resnet18_cifar",
-            "resnet34_cifar", "wrn_40_2", "wrn_16_2"} <= set(PROJECT_MODELS)
+            "resnet34_cifar", "wrn_40_2", "wrn_16_2", "vgg7_gn"} <= set(PROJECT_MODELS)
+
+
+def test_the_cifar_verifier_has_no_batchnorm_for_an_inversion_to_fit():
+    model = create_model("vgg7_gn", num_classes=10)
+    kinds = {type(m) for m in model.modules()}
+    assert torch.nn.GroupNorm in kinds and not any(issubclass(k, torch.nn.modules.batchnorm._BatchNorm) for k in kinds)
 
 
 @pytest.mark.parametrize("name", PROJECT_MODELS)
@@ -41,8 +47,9 @@ def test_cifar_nets_have_the_standard_sizes(name, params):
 def test_cifar_resnet_depth_must_be_6n_plus_2():
     from shared.models.cifar_resnet import _thin_resnet
     assert len(_thin_resnet(32, 10, 3).stages[0]) == 5
-    with pytest.raises(ValueError, match="6n\\+2"):
-        _thin_resnet(21, 10, 3)
+    for depth in (21, 2):
+        with pytest.raises(ValueError, match="6n\\+2"):
+            _thin_resnet(depth, 10, 3)
 
 
 def test_timm_models_by_name():

@@ -8,7 +8,7 @@ import torch
 
 from shared.data.cifar10 import load_cifar10_images, load_cifar10_split
 from shared.data.digits import load_digits_split
-from shared.data.splits import train_val_indices
+from shared.data.splits import split_digest, stratified_limit, train_val_indices
 from trainer.imagefolder_export import export_digits
 
 
@@ -46,6 +46,23 @@ def test_train_val_indices_partition_every_class():
     train, val = train_val_indices(labels, 0.1)
     assert np.intersect1d(train, val).size == 0 and np.union1d(train, val).tolist() == list(range(len(labels)))
     assert [int((labels[val] == c).sum()) for c in range(5)] == [1, 2, 1, 1, 4]  # at least one of each class
+
+
+def test_a_limit_keeps_the_same_share_of_each_class():
+    labels = np.repeat(np.arange(3), [6, 3, 1])  # class-sorted, as an ImageFolder lists its images
+    assert stratified_limit(labels, 5).tolist() == [0, 1, 2, 6, 7]  # 3.0, 1.5, 0.5: the tie goes to class 1
+    shuffled = np.array([2, 0, 1, 0, 0, 1, 0, 1, 0, 0])
+    assert shuffled[stratified_limit(shuffled, 5)].tolist() == [0, 1, 0, 0, 1]  # each class's first images
+    assert stratified_limit(labels, None).tolist() == stratified_limit(labels, 99).tolist() == list(range(10))
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        stratified_limit(labels, 0)
+
+
+def test_the_split_digest_is_of_the_images_and_their_order():
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    assert split_digest(x, y) == split_digest(x.clone(), y.clone())
+    assert split_digest(x[[1, 0, 2, 3]], y[[1, 0, 2, 3]]) != split_digest(x, y)
+    assert split_digest(x, torch.tensor([0, 1, 1, 1])) != split_digest(x, y)
 
 
 def test_teacher_trains_without_the_validation_images(digits_teacher):

@@ -15,7 +15,7 @@ from PIL import Image
 from shared.data.cifar10 import CLASS_NAMES as CIFAR10_CLASSES, train_val_positions
 from shared.data.cifar10_formats import open_split
 from shared.data.digits import CLASS_NAMES as DIGITS_CLASSES, load_digits_split
-from shared.data.splits import stratified_subset
+from shared.data.splits import stratified_limit, stratified_subset
 
 Split = Literal["train", "val", "test"]
 
@@ -35,27 +35,26 @@ def export_digits(out_dir: Path, image_size: int = 16, split: Split = "train", *
 
 def export_cifar10(root: Path | None, out_dir: Path, split: Split = "train", limit: int | None = None, *,
                    partial_fraction: float = 1.0, seed: int = 0) -> dict[str, int]:
-    """CIFAR-10 from any layout `shared.data.cifar10_formats` reads, as PNGs; train and val images of the JPEG copy
-    (`train_jpeg.npz`) keep their original JPEG bytes instead (no re-encode).
+    """CIFAR-10 from any layout `shared.data.cifar10_formats` reads, as PNGs; images of the JPEG copy
+    (`train_jpeg.npz`, `test_jpeg.npz`) keep their original JPEG bytes instead (no re-encode).
 
-    `limit` keeps the first `limit` images of the training (train and val are carved from those) or test order;
-    `partial_fraction` then keeps a stratified share of the split. File names are positions in that order.
-    Returns images per class.
+    `limit` keeps that many images of the training (train and val are carved from those) or test order, the same
+    share of each class; `partial_fraction` then keeps a stratified share of the split. File names are positions in
+    that order. Returns images per class.
     """
     reader = open_split(root, "test" if _check_split(split) == "test" else "train")
-    labels = reader.labels[:limit]
-    members = np.arange(len(labels))
-    if split != "test":
-        members = train_val_positions(labels)[0 if split == "train" else 1]
+    labels = reader.labels
+    if split == "test":
+        members = stratified_limit(labels, limit)
+    else:
+        members = train_val_positions(labels, limit)[0 if split == "train" else 1]
     keep = members[stratified_subset(labels[members], partial_fraction, seed)]
 
-    jpeg_copy = Path(root) / "train_jpeg.npz" if root is not None else None
-    if split != "test" and jpeg_copy is not None and jpeg_copy.is_file():
-        data = np.load(jpeg_copy)
-        buf, offsets = data["jpeg"], data["offsets"]
+    encoded = reader.encoded  # only the layout that was read: never bytes from another copy in the same folder
+    if encoded is not None:
 
         def write(i: int, path: Path) -> None:
-            path.with_suffix(".jpg").write_bytes(buf[offsets[i]:offsets[i + 1]].tobytes())
+            path.with_suffix(".jpg").write_bytes(encoded(i))
     else:
         pixels = dict(zip(keep.tolist(), reader.images(keep)))  # decodes only the kept images
 

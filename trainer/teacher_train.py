@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from shared.config import DataConfig, TeacherRecipe
 from shared.data import cifar10, digits
-from shared.data.splits import ImageSplit
+from shared.data.splits import ImageSplit, split_digest, stratified_limit
 from shared.models import create_model
 from shared.teacher import Teacher, TeacherCard
 from shared.weights import fingerprint, save_weights
@@ -25,12 +25,24 @@ SPLIT_VERSION = "train-val-test/1"
 def load_split(recipe: TeacherRecipe, data: DataConfig) -> tuple[ImageSplit, list[str]]:
     if recipe.dataset == "digits":
         split = digits.load_digits_split(data.digits_size)
-        names = digits.CLASS_NAMES
-    else:
-        split = cifar10.load_cifar10_split(data.cifar10_dir, recipe.train_limit, recipe.test_limit)
-        names = cifar10.CLASS_NAMES
-    split.x_test, split.y_test = split.x_test[: recipe.test_limit], split.y_test[: recipe.test_limit]
-    return split, names
+        split.x_test, split.y_test = _limited(split.x_test, split.y_test, recipe.test_limit)
+        return split, digits.CLASS_NAMES
+    split = cifar10.load_cifar10_split(data.cifar10_dir, recipe.train_limit, recipe.test_limit)
+    return split, cifar10.CLASS_NAMES
+
+
+def load_heldout(recipe: TeacherRecipe, data: DataConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 'val' or 'test' images `load_split` gives for `recipe`, without decoding the training images."""
+    if recipe.dataset == "digits":
+        x, y = digits.load_digits_split(data.digits_size).images(name)
+        return _limited(x, y, recipe.test_limit) if name == "test" else (x, y)
+    limit = recipe.test_limit if name == "test" else recipe.train_limit  # validation is carved from the training
+    return cifar10.load_cifar10_images(data.cifar10_dir, name, limit)
+
+
+def _limited(x: torch.Tensor, y: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.from_numpy(stratified_limit(y.numpy(), limit))
+    return x[keep], y[keep]
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -48,6 +60,18 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, gen: torch.Gener
         mask = (torch.rand(n, generator=gen) < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
+
+
+def bf16_autocast(amp: str | None, device: torch.device, log: Callable[[str], None]) -> bool:
+    """Whether to train under bf16 autocast; a CPU without native bf16 would emulate it, slower than fp32."""
+    if device.type == "cuda":
+        return amp != "off"
+    if amp != "bf16":
+        return False
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log("amp=bf16: this CPU has no native bf16 (avx512_bf16 or AMX), so the teacher trains in fp32")
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -69,7 +93,7 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
     """Train, evaluate on the held-out split, write `<name>.safetensors` and `<name>.json`; return the card path.
 
     After every epoch the state is saved to `<name>.progress.safetensors`; a run of the same recipe started again
-    resumes from it, and the file is removed once the teacher is written.
+    resumes from it (one of another recipe is moved aside), and the file is removed once the teacher is written.
     """
     r = recipe.resolved()
     name = name or f"{r.dataset}_{r.arch}"
@@ -86,10 +110,13 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
     channels_last = on_cuda or bool(r.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    use_bf16 = bf16_autocast(r.amp, device, log)
     mean = torch.tensor(mean_t, device=device).view(1, -1, 1, 1)
     std = torch.tensor(std_t, device=device).view(1, -1, 1, 1)
 
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
+    if r.refit:  # the settings were chosen on the validation images; the final teacher learns from them too
+        x_train, y_train = torch.cat([x_train, split.x_val.to(device)]), torch.cat([y_train, split.y_val.to(device)])
     steps_per_epoch = max(1, len(y_train) // r.batch_size)
     total_steps = r.epochs * steps_per_epoch
     if r.optimizer == "sgd":
@@ -101,7 +128,7 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
     progress_path = out_dir / f"{name}.progress.safetensors"
     recipe_key = r.model_dump(mode="json") | {"device": str(device), "split": SPLIT_VERSION}
     first_epoch, spent_before = 0, 0.0
-    resumed = load_progress(progress_path, model, opt, sched, gen, recipe_key)
+    resumed = load_progress(progress_path, model, opt, sched, gen, recipe_key, log)
     if resumed is not None:
         first_epoch, spent_before = resumed
         log(f"resuming after epoch {first_epoch}/{r.epochs} from {progress_path}")
@@ -118,7 +145,7 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
             xb = (xb - mean) / std
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = F.cross_entropy(model(xb).float(), y_train[idx], label_smoothing=r.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -133,11 +160,12 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
                           time.perf_counter() - started)
 
     model = model.to(memory_format=torch.contiguous_format)
-    val_accuracy = evaluate(model, split.x_val, split.y_val, mean, std)
+    val_accuracy = None if r.refit else evaluate(model, split.x_val, split.y_val, mean, std)
     accuracy = evaluate(model, split.x_test, split.y_test, mean, std)
     seconds = time.perf_counter() - started
-    log(f"validation accuracy {val_accuracy:.4f} ({len(split.y_val)} images), test accuracy {accuracy:.4f} "
-        f"({len(split.y_test)} images) in {seconds:.1f}s")
+    scored_val = ("validation images trained on (refit)" if val_accuracy is None
+                  else f"validation accuracy {val_accuracy:.4f} ({len(split.y_val)} images)")
+    log(f"{scored_val}, test accuracy {accuracy:.4f} ({len(split.y_test)} images) in {seconds:.1f}s")
 
     weights_path = out_dir / f"{name}.safetensors"
     save_weights(model, weights_path)
@@ -145,11 +173,12 @@ def train_teacher(recipe: TeacherRecipe, data: DataConfig, out_dir: Path, name: 
         name=name, arch=r.arch, num_classes=len(class_names), in_chans=in_chans, image_size=size,
         mean=mean_t, std=std_t, class_names=class_names, fingerprint=fingerprint(model.state_dict()),
         weights=weights_path.name,
-        metrics={"val_top1": val_accuracy, "val_images": float(len(split.y_val)), "test_top1": accuracy,
-                 "test_images": float(len(split.y_test)), "train_images": float(len(split.y_train)),
-                 "train_seconds": seconds},
+        metrics=({} if val_accuracy is None else {"val_top1": val_accuracy, "val_images": float(len(split.y_val))})
+        | {"test_top1": accuracy, "test_images": float(len(split.y_test)), "train_images": float(len(y_train)),
+           "train_seconds": seconds},
         recipe=r.model_dump(mode="json") | {"device": str(device), "torch": torch.__version__,
-                                            "split": SPLIT_VERSION},
+                                            "split": SPLIT_VERSION, "autocast": "bf16" if use_bf16 else "fp32",
+                                            "val_sha256": split_digest(split.x_val, split.y_val)},
     )
     card_path = out_dir / f"{name}.json"
     card.write(card_path)

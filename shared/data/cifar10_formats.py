@@ -6,7 +6,8 @@ Accepted layouts (the first that matches wins, in this order):
 2. a JPEG copy: `train_jpeg.npz` (JPEG bytes + offsets) plus `test.npz` (decoded pixels) or `test_jpeg.npz`;
 3. an ImageFolder tree: `train/<class>/*.png|jpg|jpeg` and `test/<class>/...`, class folders named by
    `CLASS_NAMES` or 0-9.
-Every reader gives labels in a fixed order and decodes pixels only for the positions asked for.
+Every reader gives labels in a fixed order and decodes pixels only for the positions asked for; the JPEG copy's
+reader also hands out each image's original bytes.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class SplitReader:
 
     labels: np.ndarray  # int64 (N,), values 0-9
     decode: Callable[[np.ndarray], np.ndarray]  # positions -> uint8 (n, 32, 32, 3) RGB
+    encoded: Callable[[int], bytes] | None = None  # position -> the image's original file bytes, where kept
 
     def images(self, positions: np.ndarray) -> np.ndarray:
         if len(positions) == 0:
@@ -62,8 +64,9 @@ def open_split(root: Path | None, split: str) -> SplitReader:
 def missing_data_error(root: Path | None) -> FileNotFoundError:
     where = "data.cifar10_dir is not set" if root is None else f"no CIFAR-10 copy found in {root}"
     return FileNotFoundError(
-        f"{where}. Point data.cifar10_dir at your CIFAR-10 folder (env DFKD_DATA__CIFAR10_DIR=/path, or a "
-        f"command's --data/--source option where it has one). Accepted layouts:\n{LAYOUTS}")
+        f"{where}. Point data.cifar10_dir at your CIFAR-10 folder: env DFKD_DATA__CIFAR10_DIR=/path, or "
+        f"data.cifar10_dir in a --config file (`dfkd export cifar10` also takes --source). Accepted layouts:\n"
+        f"{LAYOUTS}")
 
 
 def _layout_reader(root: Path | None) -> Callable[[str], SplitReader]:
@@ -131,11 +134,13 @@ def _batch_field(batch: dict, key: str, source: Path) -> object:
 
 
 def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        try:
+    try:
+        with open(path, "rb") as f:
             batch = _BatchUnpickler(f, path).load()
-        except (pickle.UnpicklingError, EOFError) as exc:
-            raise Cifar10FormatError(f"{path} is not a readable CIFAR-10 batch ({exc})") from exc
+    except Cifar10FormatError:
+        raise
+    except Exception as exc:  # a damaged pickle fails in many ways (ValueError, TypeError, KeyError, ...)
+        raise Cifar10FormatError(f"{path} is not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})") from exc
     if not isinstance(batch, dict):
         raise Cifar10FormatError(f"{path}: expected a dict with 'data' and 'labels', got {type(batch).__name__}")
     data = _batch_field(batch, "data", path)
@@ -160,23 +165,66 @@ def _read_batches(folder: Path, split: str) -> SplitReader:
 
 # --- the JPEG copy (npz) ----------------------------------------------------------------------------------------
 
-def _decode_jpegs(buf: np.ndarray, offsets: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(io.BytesIO(buf[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
-                     for i in positions.tolist()])
+def _npz_arrays(path: Path, *keys: str) -> tuple[np.ndarray, ...]:
+    """The named arrays of an npz file, read into memory (the file is closed again)."""
+    try:
+        data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise Cifar10FormatError(f"{path} is a single array, not an npz archive of {', '.join(keys)}")
+        with data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise Cifar10FormatError(f"{path} has no {', '.join(missing)} array (it holds {data.files})")
+            return tuple(data[k] for k in keys)
+    except Cifar10FormatError:
+        raise
+    except Exception as exc:  # not a zip, a damaged member, an object array (pickle, refused)
+        raise Cifar10FormatError(f"{path} is not a readable npz file ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_jpeg(blob: bytes, path: Path, index: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            img.load()
+            if img.size != (32, 32) or img.mode != "RGB":
+                raise Cifar10FormatError(f"{path}: image {index} is a {img.size[0]}x{img.size[1]} {img.mode} "
+                                         "image; CIFAR-10 images are 32x32 RGB")
+            return np.asarray(img)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise Cifar10FormatError(f"{path}: image {index} is not a readable JPEG ({exc})") from exc
 
 
 def _jpeg_npz_split(path: Path) -> SplitReader:
-    data = np.load(path)
-    return SplitReader(_checked_labels(data["y"], path), partial(_decode_jpegs, data["jpeg"], data["offsets"]))
+    buf, offsets, y = _npz_arrays(path, "jpeg", "offsets", "y")
+    labels = _checked_labels(y, path)
+    if offsets.ndim != 1 or len(offsets) != len(labels) + 1 or not np.issubdtype(offsets.dtype, np.integer):
+        raise Cifar10FormatError(f"{path}: 'offsets' must be {len(labels) + 1} integers (one more than the "
+                                 f"{len(labels)} labels), got {offsets.dtype} {offsets.shape}")
+    if buf.dtype != np.uint8 or buf.ndim != 1:
+        raise Cifar10FormatError(f"{path}: 'jpeg' must be the uint8 bytes of the JPEG files, got {buf.dtype} "
+                                 f"{buf.shape}")
+    if np.any(np.diff(offsets) < 0) or offsets[0] < 0 or offsets[-1] > len(buf):
+        raise Cifar10FormatError(f"{path}: 'offsets' must not decrease and must lie within the {len(buf)} bytes "
+                                 "of 'jpeg'")
+
+    def encoded(i: int) -> bytes:
+        return buf[offsets[i]:offsets[i + 1]].tobytes()
+
+    return SplitReader(labels, lambda positions: np.stack([_decode_jpeg(encoded(i), path, i)
+                                                           for i in positions.tolist()]), encoded)
 
 
 def _read_npz(root: Path, split: str) -> SplitReader:
     if split == "train":
         return _jpeg_npz_split(root / "train_jpeg.npz")
     if (root / "test.npz").is_file():
-        test = np.load(root / "test.npz")
-        pixels = test["x"]
-        return SplitReader(_checked_labels(test["y"], root / "test.npz"), lambda positions: pixels[positions])
+        path = root / "test.npz"
+        pixels, y = _npz_arrays(path, "x", "y")
+        labels = _checked_labels(y, path)
+        if pixels.dtype != np.uint8 or pixels.shape != (len(labels), 32, 32, 3):
+            raise Cifar10FormatError(f"{path}: 'x' must be uint8 ({len(labels)}, 32, 32, 3), one 32x32 RGB image "
+                                     f"per label, got {pixels.dtype} {pixels.shape}")
+        return SplitReader(labels, lambda positions: pixels[positions])
     if (root / "test_jpeg.npz").is_file():
         return _jpeg_npz_split(root / "test_jpeg.npz")
     raise FileNotFoundError(f"{root} has train_jpeg.npz but neither test.npz nor test_jpeg.npz")
@@ -195,9 +243,9 @@ def _class_label(folder: Path) -> int:
 def _image_files(split_dir: Path) -> list[tuple[int, Path]]:
     """(label, file) pairs sorted by class, then file name: the same order on every machine."""
     found = []
-    for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         label = _class_label(folder)
-        found += [(label, f) for f in folder.iterdir()  # dot files: OS metadata such as macOS's ._name.png
+        found += [(label, f) for f in folder.iterdir()  # dot files and folders: OS or tool metadata (._name.png)
                   if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()]
     if not found:
         raise Cifar10FormatError(f"no .png/.jpg/.jpeg images in {split_dir}/<class>/")

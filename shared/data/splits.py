@@ -5,6 +5,7 @@ split alone, so validation images are unseen by both the teacher and the student
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,30 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.
         n = max(1, int(round(fraction * len(members))))
         keep.append(rng.choice(members, size=n, replace=False))
     return np.sort(np.concatenate(keep))
+
+
+def stratified_limit(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Sorted positions of `limit` images (all when None or more than there are), each class giving the same share:
+    its first images in `labels`' order. Quotas are rounded by largest remainder, ties to the lower class."""
+    labels = np.asarray(labels)
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = limit * counts / len(labels)
+    quota = np.floor(exact).astype(np.int64)
+    by_remainder = np.argsort(-(exact - quota), kind="stable")
+    quota[by_remainder[:limit - int(quota.sum())]] += 1
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in zip(classes, quota)]))
+
+
+def split_digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    """sha256 over int64 labels and uint8 pixels of [0, 1] images: which images, in which order."""
+    h = hashlib.sha256(y.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+    pixels = x.detach().cpu().mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    h.update(np.ascontiguousarray(pixels.numpy()).tobytes())
+    return h.hexdigest()
 
 
 def train_val_indices(labels: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """ResNets for 32x32 inputs, 3x3 stem and no max-pool: ResNet-18/34 (four stages, 64-512 channels, the standard
-data-free KD variants) and He et al.'s CIFAR ResNet-8/20 (three stages of 16/32/64 channels, depth 6n+2), small
-enough to train and invert on a CPU."""
+data-free KD variants) and the CIFAR ResNet-8/20 (three stages of 16/32/64 channels, depth 6n+2), small enough to
+train and invert on a CPU. Their downsampling shortcuts are 1x1 convolutions (He et al.'s option B: 272k parameters
+for ResNet-20, against 270k with the zero-padded option A)."""
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,8 @@ class CifarResNet(PooledClassifier):
 
 
 def _thin_resnet(depth: int, num_classes: int, in_chans: int) -> CifarResNet:
-    if (depth - 2) % 6:
-        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
     n = (depth - 2) // 6
     return CifarResNet((n, n, n), num_classes, in_chans, widths=(16, 32, 64))
 

@@ -1,0 +1,27 @@
+"""The teachers shipped in `teachers/` load (fingerprint checked), describe themselves, and score what their cards
+say on the real test split when the data is at hand."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.data.cifar10 import load_cifar10_images
+from shared.teacher import load_teacher
+from trainer.teacher_train import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_COPY = REPO.parent / "shared" / "data" / "cifar10"  # optional, beside the repo
+
+
+def test_the_cifar10_resnet20_teacher_loads_and_scores_its_card():
+    teacher = load_teacher(REPO / "teachers" / "cifar10_resnet20.json")
+    card = teacher.card
+    assert (card.arch, card.num_classes, card.in_chans, card.image_size) == ("resnet20", 10, 3, 32)
+    assert card.recipe["weights_dtype"] == "float16" and card.recipe["dataset"] == "cifar10"
+    assert card.metrics["test_top1"] >= 0.88 and card.metrics["train_seconds"] <= 3600
+    assert (REPO / "teachers" / card.weights).stat().st_size < 700_000
+    if not (CIFAR_COPY / "test.npz").is_file():
+        pytest.skip(f"no CIFAR-10 copy at {CIFAR_COPY} to score the card against")
+    x, y = load_cifar10_images(CIFAR_COPY, "test")
+    mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
+    assert evaluate(teacher.model, x, y, mean, std) == pytest.approx(card.metrics["test_top1"], abs=0.002)
