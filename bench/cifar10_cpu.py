@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in-memory image pool the tests use
@@ -42,7 +42,7 @@ from bench.synth_throughput import git_commit  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
 from shared.config import Settings, SynthConfig, TeacherRecipe  # noqa: E402
 from shared.data.cifar10 import load_cifar10_split  # noqa: E402
-from shared.data.splits import ImageSplit, stratified_subset  # noqa: E402
+from shared.data.splits import ImageSplit, stratified_subset, unit_to_uint8  # noqa: E402
 from shared.errors import DfkdError  # noqa: E402
 from shared.models import create_model  # noqa: E402
 from shared.teacher import load_teacher  # noqa: E402
@@ -51,6 +51,7 @@ from synth_service.report import grid_image, mean_diversity, pixel_diversity  # 
 from synth_service.result import SynthResult  # noqa: E402
 from synth_service.synthesizer import create_synthesizer  # noqa: E402
 from trainer.engine import DearKDTrainer  # noqa: E402
+from trainer.store import atomic_write  # noqa: E402
 from trainer.teacher_train import evaluate, random_crop_flip, train_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,13 +108,7 @@ def log(message: str) -> None:
 
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 class Run:
@@ -235,9 +230,7 @@ class PoolFile:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        save_file(self.tensors(), str(tmp))
-        tmp.replace(self.path)
+        atomic_write(self.path, lambda f: f.write(safetensors_bytes(self.tensors())))
         write_json(self.meta_path, self.meta)
 
     @property
@@ -367,7 +360,7 @@ def real_images(run: Run, count: int, seed: int = 0) -> tuple[torch.Tensor, torc
     """`count` real training images, stratified by class (never validation or test images)."""
     y = run.split.y_train.numpy()
     idx = stratified_subset(y, min(1.0, count / len(y)), seed=seed)[:count]
-    return to_uint8(run.split.x_train[idx]), run.split.y_train[idx]
+    return unit_to_uint8(run.split.x_train[idx]), run.split.y_train[idx]
 
 
 def pool_images(run: Run, method: str) -> tuple[torch.Tensor, torch.Tensor]:

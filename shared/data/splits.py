@@ -72,10 +72,15 @@ def stratified_limit(labels: np.ndarray, limit: int | None) -> np.ndarray:
     return np.sort(np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in zip(classes, quota)]))
 
 
+def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images as the uint8 pixels they were decoded from."""
+    return x.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def split_digest(x: torch.Tensor, y: torch.Tensor) -> str:
     """sha256 over int64 labels and uint8 pixels of [0, 1] images: which images, in which order."""
     h = hashlib.sha256(y.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
-    pixels = x.detach().cpu().mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    pixels = unit_to_uint8(x.detach().cpu())
     h.update(np.ascontiguousarray(pixels.numpy()).tobytes())
     return h.hexdigest()
 
