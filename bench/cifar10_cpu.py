@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in-memory image pool the tests use
@@ -40,18 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in
 from bench.dearkd_ablation import VARIANTS  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
+from shared.atomic_file import atomic_write  # noqa: E402
 from shared.config import Settings, SynthConfig, TeacherRecipe  # noqa: E402
 from shared.data.cifar10 import load_cifar10_split  # noqa: E402
 from shared.data.splits import ImageSplit, stratified_subset, unit_to_uint8  # noqa: E402
 from shared.errors import DfkdError  # noqa: E402
 from shared.models import create_model  # noqa: E402
 from shared.teacher import load_teacher  # noqa: E402
-from shared.weights import load_weights, save_weights  # noqa: E402
+from shared.weights import load_weights, save_safetensors, save_weights  # noqa: E402
 from synth_service.report import grid_image, mean_diversity, pixel_diversity  # noqa: E402
 from synth_service.result import SynthResult  # noqa: E402
 from synth_service.synthesizer import create_synthesizer  # noqa: E402
 from trainer.engine import DearKDTrainer  # noqa: E402
-from trainer.store import atomic_write  # noqa: E402
 from trainer.teacher_train import evaluate, random_crop_flip, train_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +230,7 @@ class PoolFile:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, lambda f: f.write(safetensors_bytes(self.tensors())))
+        save_safetensors(self.path, self.tensors())
         write_json(self.meta_path, self.meta)
 
     @property

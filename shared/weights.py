@@ -6,17 +6,21 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from shared.atomic_file import atomic_write
 from shared.errors import WeightsError
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    save_safetensors(path, {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file crash-safely: a crash mid-write leaves the previous file whole."""
+    atomic_write(Path(path), lambda f: f.write(safetensors_bytes(tensors, metadata=metadata)))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -25,11 +25,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from shared.config import SynthConfig
 from shared.errors import DfkdError
 from shared.teacher import Teacher
+from shared.weights import save_safetensors
 from synth_service.batch_plan import plan_batches
 from synth_service.generator_net import ClassConditionalGenerator, slot_of_each_label
 from synth_service.result import ProgressFn, SynthResult
@@ -242,9 +242,7 @@ class GeneratorSynthesizer(Synthesizer):
                 "shape": json.dumps({k: getattr(self.gcfg, k) for k in _SHAPE_FIELDS}, sort_keys=True),
                 "warmup_seconds": str(self.warmup_seconds or 0.0)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)  # a crash mid-write leaves the previous checkpoint whole
+        save_safetensors(path, state, meta)
 
     def _load(self, path: Path) -> None:
         try:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from trainer.store import fsync_dir
+from shared.atomic_file import fsync_dir
 
 CHECKPOINT_DIR = "checkpoint"
 

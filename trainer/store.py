@@ -22,18 +22,18 @@ import re
 import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from shared.atomic_file import TMP_SUFFIX, atomic_write, fsync_dir, temp_writer_pid  # noqa: F401 (re-exported)
 from shared.batch_contract import BatchContract
 from shared.wire import SAFE_ID, BatchCodec, BatchHeader, SynthesisRecord, WireBatch
 
 _SAFE_ID = re.compile(SAFE_ID)
-_TMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -63,35 +63,9 @@ def check_batch_id(batch_id: str) -> str:
     return batch_id
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename/creation in `directory` durable (POSIX: the entry lives in the directory, not the file)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temp file in the same directory, fsync it, rename over `path`, fsync the directory."""
-    # The pid in the name lets an opening store tell a dead writer's leftovers from a live writer's file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def _writer_alive(tmp: Path) -> bool:
-    try:
-        pid = int(tmp.name.removesuffix(_TMP_SUFFIX).rsplit(".", 1)[1])
-    except (IndexError, ValueError):
+    pid = temp_writer_pid(tmp)
+    if pid is None:
         return False
     if pid == os.getpid():
         return False  # this process is only opening the store: the file is a previous life's (pid reused)
@@ -352,7 +326,7 @@ class SyntheticStore:
 
     def _remove_dead_temp_files(self) -> None:
         for directory in (self.root, self.batch_dir):
-            for tmp in directory.glob(f".*{_TMP_SUFFIX}"):
+            for tmp in directory.glob(f".*{TMP_SUFFIX}"):
                 if not _writer_alive(tmp):
                     tmp.unlink(missing_ok=True)
 

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import save_file
 
 from shared.config import DataConfig, TeacherRecipe
 from shared.data.splits import split_digest
 from shared.errors import DfkdError
 from shared.teacher import TeacherCard, load_teacher
-from shared.weights import fingerprint
+from shared.weights import fingerprint, save_safetensors
 from trainer.teacher_train import evaluate, load_heldout
 
 
@@ -65,9 +64,7 @@ def write_half_teacher(card_path: Path, data: DataConfig, out_dir: Path, name: s
         metrics["val_top1"] = evaluate(model, x_val, y_val, mean, std)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = weights_path.with_name(weights_path.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(weights_path)
+    save_safetensors(weights_path, state)
     half = card.model_copy(update={"name": name, "weights": weights_path.name, "fingerprint": fingerprint(state),
                                    "metrics": metrics, "recipe": card.recipe | {"weights_dtype": "float16"}})
     half.write(out)

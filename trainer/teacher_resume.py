@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from shared.weights import save_safetensors
 
 # Recipe fields that do not change training: a run that differs only in them resumes.
 NOT_IN_KEY = ("test_limit",)
@@ -51,9 +52,7 @@ def save_progress(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
         tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
     meta = {"epoch": str(epoch), "seconds": str(seconds), "recipe": json.dumps(_key(recipe), sort_keys=True),
             "param_groups": json.dumps(opt_state["param_groups"]), "scheduler": json.dumps(sched.state_dict())}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_safetensors(path, tensors, meta)
 
 
 def load_progress(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
