@@ -233,6 +233,24 @@ class FeedbackConfig(BaseModel):
                                                                       "loaded")
 
 
+class PoolConfig(BaseModel):
+    """A warm per-class pool of recent synthetic images: `"fresh": false` requests are served from it at once and it
+    is refilled in the background (docs/architecture.md §6)."""
+
+    model_config = {"extra": "forbid"}
+
+    enabled: bool = False
+    max_bytes: int = Field(64 * 2**20, ge=2**10, le=2**40,
+                           description="cap on the pool's bytes (in memory: pixels plus a fixed per-image overhead; "
+                                       "on disk: file sizes), split evenly between the classes")
+    per_class: int | None = Field(None, ge=1, le=10**6, description="images kept warm per class; None: as many as "
+                                                                     "max_bytes allows")
+    directory: Path | None = Field(None, description="keep the pool on disk here (it survives restarts); None: in "
+                                                     "memory")
+    serve_by_default: bool = Field(False, description="requests that omit `fresh` are served from the pool when it "
+                                                      "is warm (a request's `fresh: true` still synthesises)")
+
+
 class ServiceConfig(BaseModel):
     """The HTTP synthesis service: batching, limits, auth (docs/architecture.md §6)."""
 
@@ -257,6 +275,15 @@ class ServiceConfig(BaseModel):
     job_retention_bytes: int = Field(2**30, ge=2**20, description="memory for job results; beyond it the oldest "
                                                                   "finished results are evicted and new jobs that "
                                                                   "cannot fit get 429")
+    min_batch_fill: int | None = Field(None, ge=0, le=4096,
+                                       description="fill every engine batch to at least this many images with "
+                                                   "filler dealt across all classes, since BN-statistics matching "
+                                                   "needs a class-balanced batch; None: the full engine batch; 0: off")
+    filler_destination: Literal["auto", "pool", "drop"] = Field(
+        "auto", description="where filler images go. auto: the stream when one is configured and has room, else the "
+                            "pool when enabled, else dropped; pool: the pool (else dropped); drop: dropped. Filler "
+                            "of a batch run at a request's own iterations is always dropped")
+    pool: PoolConfig = PoolConfig()
     production_per_class: int = Field(8, ge=2, description="images per class in background batches")
     production_enabled: bool = Field(False, description="start producing into the stream at start-up")
     access_log: bool = Field(True, description="log every HTTP request (off under `dfkd up`: scrapes and polls)")
@@ -391,6 +418,11 @@ class Settings(BaseSettings):
             raise ValueError(f"service.production_per_class ({self.service.production_per_class}) is larger than an "
                              f"engine batch ({max_batch}: service.max_batch, else synth.batch_size), so production "
                              "could never fill one")
+        if self.service.min_batch_fill is not None and self.service.min_batch_fill > max_batch:
+            raise ValueError(f"service.min_batch_fill ({self.service.min_batch_fill}) is larger than an engine batch "
+                             f"({max_batch}: service.max_batch, else synth.batch_size)")
+        if self.service.pool.serve_by_default and not self.service.pool.enabled:
+            raise ValueError("service.pool.serve_by_default needs service.pool.enabled: there is no pool to serve from")
         if max_batch > self.stream.max_batch_images:
             raise ValueError(f"an engine batch of {max_batch} images is over stream.max_batch_images "
                              f"({self.stream.max_batch_images}): trainers would dead-letter every batch")

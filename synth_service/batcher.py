@@ -1,7 +1,8 @@
-"""Batcher: one engine worker per process that coalesces requests and background production into full batches.
+"""Batcher: one engine worker per process that coalesces requests and background work into full batches.
 
-BN-statistics matching works on batch statistics, so coalescing is about quality as much as speed: a lone 4-image
-request inverted by itself gives worse images than the same request inside a full batch.
+BN-statistics matching works on batch statistics, so a full, class-balanced batch is about quality as much as speed:
+a lone 4-image request inverted by itself gives worse images than inside a full batch. What requests and background
+work leave empty is topped up with class-balanced filler (filler.py), which goes to the stream, the pool, or nowhere.
 """
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from shared.errors import DfkdError, InvalidRequestError
-from synth_service.result import SynthResult
+from synth_service.filler import filler_labels
 from synth_service.labels import check_class_ids
 from synth_service.metrics import SynthMetrics
+from synth_service.result import SynthResult
 from synth_service.synthesizer import Synthesizer
 
 # Lower runs first: synchronous HTTP requests, then job chunks; background production only fills what is left.
@@ -46,24 +48,50 @@ class WorkItem:
 
 @dataclass
 class FillSource:
-    """Background production. `active` must be cheap (no I/O): it is polled under the queue lock."""
+    """Background work for spare batch slots (stream production, pool refill). `active` must be cheap (no I/O): it
+    is polled under the queue lock."""
 
+    name: str  # the `destination` label of its images in the metrics
     active: Callable[[], bool]
     next_labels: Callable[[int], list[int]]  # labels for up to n free slots (may be empty)
     deliver: Callable[[SynthResult], None]  # receives the finished images
+    release: Callable[[list[int]], None] = lambda labels: None  # dealt labels whose batch failed
+
+
+# Takes a batch's filler images and whether they ran at the default schedule; returns where they went
+# ("stream", "pool" or "dropped"), for the metrics.
+FillerSink = Callable[[SynthResult, bool], str]
+
+
+def request_noise(labels: Sequence[int], seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Starting noise of a request's images: the k-th image of class c draws from (seed, c, k), so it starts the same
+    whatever else the request asked for."""
+    seen: dict[int, int] = {}
+    rows = []
+    for c in labels:
+        k = seen[c] = seen.get(c, -1) + 1
+        mixed = ((seed * 1_000_003 + c) * 1_000_033 + k) % 2**63
+        rows.append(torch.randn(shape, generator=torch.Generator().manual_seed(mixed)))
+    return torch.stack(rows) if rows else torch.empty(0, *shape)
 
 
 class Batcher:
     """Works through a `Synthesizer`, whatever its method: items share a batch when their `batch_key`s match."""
 
     def __init__(self, engine: Synthesizer, metrics: SynthMetrics, max_batch: int, max_wait_s: float,
-                 max_queue_images: int, fill: FillSource | None = None):
+                 max_queue_images: int, fills: Sequence[FillSource] = (), min_fill: int = 0,
+                 filler_sink: FillerSink | None = None):
+        """`fills` take spare slots of default-schedule batches, in order; then class-balanced filler tops every
+        batch up to `min_fill` images and goes to `filler_sink` (None: dropped)."""
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
-        self.fill = fill
+        self.fills = list(fills)
+        self.min_fill = min(min_fill, max_batch)
+        self.filler_sink = filler_sink
+        self._filler_cursor = 0
         self._queues: dict[str, deque[WorkItem]] = {d: deque() for d in PRIORITY}
         self._queued_images = 0
         self._cond = threading.Condition()
@@ -84,9 +112,8 @@ class Batcher:
         labels = check_class_ids(self.engine.card, labels)
         iterations = self.engine.request_iterations(iterations)
         c = self.engine.card
-        init = torch.randn(len(labels), c.in_chans, c.image_size, c.image_size,
-                           generator=torch.Generator().manual_seed(seed))
-        item = WorkItem(labels, iterations, init, destination)
+        item = WorkItem(labels, iterations, request_noise(labels, seed, (c.in_chans, c.image_size, c.image_size)),
+                        destination)
         with self._cond:
             if not self._running:
                 raise DfkdError("the batcher is not running")
@@ -178,7 +205,7 @@ class Batcher:
                 self._cond.wait(timeout=IDLE_WAIT_S)
 
     def _fill_available(self) -> bool:
-        return self.fill is not None and self.fill.active()
+        return any(fill.active() for fill in self.fills)
 
     def _run(self) -> None:
         self._warm_up()
@@ -187,15 +214,19 @@ class Batcher:
             if collected is None:
                 return
             items, iterations = collected
-            labels = [c for item in items for c in item.labels]
-            fill_labels: list[int] = []
-            if (self.fill is not None and self.engine.batch_key(iterations) == self.engine.batch_key(None)
-                    and len(labels) < self.max_batch):
-                fill_labels = self.fill.next_labels(self.max_batch - len(labels))
-            if not labels and not fill_labels:
-                self._idle_wait()  # production is on but dealt nothing: block until woken, never spin
+            n = sum(len(item.labels) for item in items)
+            fills: list[tuple[FillSource, list[int]]] = []
+            if self.engine.batch_key(iterations) == self.engine.batch_key(None):
+                for fill in self.fills:
+                    if n < self.max_batch and fill.active():
+                        dealt = fill.next_labels(self.max_batch - n)
+                        if dealt:
+                            fills.append((fill, dealt))
+                            n += len(dealt)
+            if n == 0:
+                self._idle_wait()  # a source is active but dealt nothing: block until woken, never spin
                 continue
-            self._run_batch(items, iterations, fill_labels)
+            self._run_batch(items, iterations, fills)
 
     def _warm_up(self) -> None:
         """A method with persistent state gets ready before the first batch; requests queue meanwhile."""
@@ -206,19 +237,27 @@ class Batcher:
         self.metrics.warmup_seconds.set(seconds)
         self.metrics.warm.set(1)
 
-    def _run_batch(self, items: list[WorkItem], iterations: int | None, fill_labels: list[int]) -> None:
+    def _run_batch(self, items: list[WorkItem], iterations: int | None,
+                   fills: list[tuple[FillSource, list[int]]]) -> None:
         batch_id = next(self._batch_ids)
         c = self.engine.card
-        fill_init = torch.randn(len(fill_labels), c.in_chans, c.image_size, c.image_size,
-                                generator=torch.Generator().manual_seed(1_000_003 * batch_id + 17))
-        labels = [x for item in items for x in item.labels] + fill_labels
-        init = torch.cat([item.init for item in items] + [fill_init])
+        labels = [x for item in items for x in item.labels] + [x for _, dealt in fills for x in dealt]
+        filler = filler_labels(labels, self.min_fill - len(labels), c.num_classes, self._filler_cursor)
+        self._filler_cursor = (self._filler_cursor + len(filler) // 2) % c.num_classes
+        # Background images start from noise of their own seed, so a request's images do not depend on them.
+        n_background = len(labels) + len(filler) - sum(len(item.labels) for item in items)
+        background_init = torch.randn(n_background, c.in_chans, c.image_size, c.image_size,
+                                      generator=torch.Generator().manual_seed(1_000_003 * batch_id + 17))
+        labels += filler
+        init = torch.cat([item.init for item in items] + [background_init])
         try:
             result = self.engine.synthesize(labels, seed=batch_id, iterations=iterations, init=init,
                                             return_logits=True)
         except Exception as exc:  # one bad batch must not kill the worker: fail its requests instead
             for item in items:
                 item.future.set_exception(exc)
+            for fill, dealt in fills:
+                fill.release(dealt)
             return
         self.batches_run += 1
         self._record(result, len(labels))
@@ -229,9 +268,27 @@ class Batcher:
             self.metrics.images_generated.labels(item.destination).inc(len(item.labels))
             if not item.future.cancelled():
                 item.future.set_result(part)
-        if fill_labels and self.fill is not None:
-            self.metrics.images_generated.labels("stream").inc(len(fill_labels))
-            self.fill.deliver(result.select(start, len(labels)))
+        for fill, dealt in fills:
+            self.metrics.images_generated.labels(fill.name).inc(len(dealt))
+            self._guarded(fill.name, fill.deliver, result.select(start, start + len(dealt)))
+            start += len(dealt)
+        if filler:
+            self.metrics.images_generated.labels("filler").inc(len(filler))
+            default = self.engine.batch_key(iterations) == self.engine.batch_key(None)
+            went = "dropped"
+            if self.filler_sink is not None:
+                went = self._guarded("filler", self.filler_sink, result.select(start, len(labels)), default) \
+                    or "dropped"
+            self.metrics.filler_images.labels(went).inc(len(filler))
+
+    @staticmethod
+    def _guarded(what: str, deliver: Callable, *args):
+        """A delivery that raises loses those images, said in the log, never the engine worker."""
+        try:
+            return deliver(*args)
+        except Exception as exc:
+            print(f"synth: delivering {what} images failed, they are lost: {exc!r}", flush=True)
+            return None
 
     def _record(self, result: SynthResult, n: int) -> None:
         m = self.metrics

@@ -40,12 +40,13 @@ def lean(result: SynthResult) -> SynthResult:
     return SynthResult(images=result.images, labels=result.labels, teacher_top1=result.teacher_top1,
                        teacher_confidence=result.teacher_confidence, teacher_margin=result.teacher_margin,
                        features=torch.empty(n, 0), final_terms=result.final_terms, history={},
-                       seconds=result.seconds, iterations=result.iterations, seed=result.seed, logits=result.logits)
+                       seconds=result.seconds, iterations=result.iterations, seed=result.seed, logits=result.logits,
+                       verifier_top1=result.verifier_top1)
 
 
 def result_bytes(result: SynthResult) -> int:
     tensors = (result.images, result.labels, result.teacher_top1, result.teacher_confidence, result.teacher_margin,
-               result.logits)
+               result.logits, result.verifier_top1)
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -10,9 +10,11 @@ from shared.config import Settings, resolve_device
 from shared.errors import DfkdError
 from shared.teacher import Teacher, TeacherCard, load_teacher
 from synth_service.batcher import Batcher
+from synth_service.class_pool import ClassPool
 from synth_service.jobs import JobManager
 from synth_service.metrics import SynthMetrics
 from synth_service.production import ProductionController
+from synth_service.result import SynthResult
 from synth_service.student_feedback import StudentFeedback
 from synth_service.synthesizer import Synthesizer, create_synthesizer
 
@@ -26,6 +28,7 @@ class Service:
     jobs: JobManager
     production: ProductionController
     metrics: SynthMetrics
+    pool: ClassPool | None = None
 
 
 def _log(message: str) -> None:
@@ -33,8 +36,22 @@ def _log(message: str) -> None:
 
 
 def job_bytes_per_image(card: TeacherCard) -> int:
-    """A finished job's memory per image: uint8 pixels, fp32 logits, and the per-image label and teacher figures."""
-    return card.in_chans * card.image_size ** 2 + 4 * card.num_classes + 24
+    """A finished job's memory per image: uint8 pixels, fp32 logits, and the per-image label, teacher and verifier
+    figures."""
+    return card.in_chans * card.image_size ** 2 + 4 * card.num_classes + 32
+
+
+def filler_sink(destination: str, production: ProductionController, pool: ClassPool | None):
+    """Where a batch's filler images go: the stream when it takes them, else the pool, else nowhere."""
+    def sink(result: SynthResult, default_schedule: bool) -> str:
+        if not default_schedule or destination == "drop":
+            return "dropped"  # made at a request's own iterations: not what the stream and the pool promise
+        if destination == "auto" and production.take_filler(result):
+            return "stream"
+        if pool is not None and pool.put(result):
+            return "pool"
+        return "dropped"
+    return sink
 
 
 def service_lifespan(settings: Settings, teacher: Teacher | None):
@@ -56,8 +73,12 @@ def service_lifespan(settings: Settings, teacher: Teacher | None):
             feedback = StudentFeedback(settings, t.card, metrics, device=engine.device, log=_log,
                                        on_student=lambda model, card: engine.set_student(model, card.model_dump()))
         production = ProductionController(settings, t.card, metrics)
-        batcher = Batcher(engine, metrics, cfg.max_batch or settings.synth.batch_size, cfg.max_wait_ms / 1000,
-                          cfg.max_queue_images, fill=production.fill_source())
+        pool = ClassPool(cfg.pool, t.card, metrics, log=_log) if cfg.pool.enabled else None
+        max_batch = cfg.max_batch or settings.synth.batch_size
+        fills = [production.fill_source()] + ([pool.refill_source()] if pool is not None else [])
+        batcher = Batcher(engine, metrics, max_batch, cfg.max_wait_ms / 1000, cfg.max_queue_images, fills=fills,
+                          min_fill=max_batch if cfg.min_batch_fill is None else cfg.min_batch_fill,
+                          filler_sink=filler_sink(cfg.filler_destination, production, pool))
         production.on_capacity = batcher.wake
         batcher.start()
         production.start()
@@ -65,7 +86,7 @@ def service_lifespan(settings: Settings, teacher: Teacher | None):
             feedback.start()
         jobs = JobManager(batcher, cfg.job_retention, cfg.job_ttl_s, t.card.class_names,
                           retention_bytes=cfg.job_retention_bytes, bytes_per_image=job_bytes_per_image(t.card))
-        app.state.service = Service(settings, t, engine, batcher, jobs, production, metrics)
+        app.state.service = Service(settings, t, engine, batcher, jobs, production, metrics, pool)
         try:
             yield
         finally:
@@ -74,6 +95,8 @@ def service_lifespan(settings: Settings, teacher: Teacher | None):
                 feedback.stop()
             production.stop()
             batcher.stop()
+            if pool is not None:
+                pool.close()
             engine.close()  # a method with state (the generator) saves it here
 
     return lifespan

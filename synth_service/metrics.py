@@ -19,6 +19,14 @@ class SynthMetrics:
         r = self.registry = CollectorRegistry()
         self.images_generated = Counter(f"{PREFIX}_images_generated", "Images synthesized", ["destination"],
                                         registry=r)
+        self.filler_images = Counter(f"{PREFIX}_filler_images", "Filler images that balanced a batch, by where "
+                                     "they went (stream, pool, dropped)", ["destination"], registry=r)
+        self.pool_images = Gauge(f"{PREFIX}_pool_images", "Images in the warm per-class pool", registry=r)
+        self.pool_bytes = Gauge(f"{PREFIX}_pool_bytes", "Bytes the warm pool holds (service.pool.max_bytes caps it)",
+                                registry=r)
+        self.pool_requests = Counter(f"{PREFIX}_pool_requests", "Requests that asked for pool images, by outcome "
+                                     "(hit: served from the pool; cold: synthesised instead)", ["result"],
+                                     registry=r)
         self.batches = Counter(f"{PREFIX}_batches", "Engine batches run", registry=r)
         self.batch_fill = Histogram(f"{PREFIX}_batch_fill_ratio", "Images in a batch / max batch size",
                                     buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)

@@ -57,6 +57,7 @@ class ProductionController:
         self.per_class = settings.service.production_per_class
         self.target_images: int | None = None
         self.images_produced = 0
+        self.filler_published = 0  # filler images of request batches; they do not count towards target_images
         self.batches_published = 0
         self.redis_ok = False
         self.backlog: int | None = None
@@ -64,7 +65,7 @@ class ProductionController:
         self._cursor = 0
         self._sequence = 0
         self._lock = threading.Lock()
-        self._queue: queue.Queue[SynthResult] = queue.Queue(maxsize=PUBLISH_QUEUE)
+        self._queue: queue.Queue[tuple[SynthResult, bool]] = queue.Queue(maxsize=PUBLISH_QUEUE)  # (images, filler)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._producer: StreamProducer | None = None
@@ -75,7 +76,8 @@ class ProductionController:
 
     # -- engine side (no I/O) ---------------------------------------------------------------------------------------
     def fill_source(self) -> FillSource:
-        return FillSource(active=self.active, next_labels=self.next_labels, deliver=self.deliver)
+        return FillSource(name="stream", active=self.active, next_labels=self.next_labels, deliver=self.deliver,
+                          release=self.release)
 
     def paused_reason(self) -> str | None:
         if not self.enabled:
@@ -113,8 +115,27 @@ class ProductionController:
             self._reserved += len(labels)
             return labels
 
+    def release(self, labels: list[int]) -> None:
+        """Labels dealt to a batch that failed: no longer on their way."""
+        with self._lock:
+            self._reserved -= len(labels)
+
     def deliver(self, result: SynthResult) -> None:
-        self._queue.put(result)  # blocks rather than drops; active() keeps this rare
+        self._queue.put((result, False))  # blocks rather than drops; active() keeps this rare
+
+    def take_filler(self, result: SynthResult) -> bool:
+        """Queue a request batch's filler images for the stream when it has room (production need not be on);
+        False: not taken, the caller keeps them."""
+        # The stream carries only the classes production is set to, and stops at its target.
+        if (self._producer is None or not self.redis_ok or self.backlog is None
+                or self.backlog >= self.stream_cfg.max_backlog or self.classes is not None
+                or (self.target_images is not None and self.images_produced + self._reserved >= self.target_images)):
+            return False
+        try:
+            self._queue.put_nowait((result, True))
+        except queue.Full:
+            return False
+        return True
 
     # -- control ----------------------------------------------------------------------------------------------------
     def update(self, update: ProductionUpdate) -> None:
@@ -129,7 +150,8 @@ class ProductionController:
     def status(self) -> ProductionStatus:
         return ProductionStatus(
             enabled=self.enabled, classes=self.classes, per_class=self.per_class, target_images=self.target_images,
-            images_produced=self.images_produced, batches_published=self.batches_published,
+            images_produced=self.images_produced, filler_published=self.filler_published,
+            batches_published=self.batches_published,
             pending_publish=self._queue.qsize(),
             stream=self.stream_cfg.key("batches") if self._producer else None, backlog=self.backlog,
             max_backlog=self.stream_cfg.max_backlog if self._producer else None, redis_ok=self.redis_ok,
@@ -161,14 +183,14 @@ class ProductionController:
         if self.active() and not was_active:
             self.on_capacity()
 
-    def _publish(self, result: SynthResult) -> None:
+    def _publish(self, result: SynthResult, filler: bool) -> None:
         """Retry until Redis takes the batch or the service stops: an acknowledged image is never dropped."""
         with self._lock:
             self._sequence += 1
             sequence = self._sequence
         batch = wire_batch(result, self.card, self.producer_id, sequence,
-                           {"teacher": self.card.name, **self.settings.synth.model_dump(mode="json")},
-                           self.stream_cfg.include_logits)
+                           {"teacher": self.card.name, **self.settings.synth.model_dump(mode="json"),
+                            "filler": filler}, self.stream_cfg.include_logits)
         delay = self.stream_cfg.retry_initial_s
         while not self._stop.is_set():
             try:
@@ -183,8 +205,11 @@ class ProductionController:
             return
         n = len(result.labels)
         with self._lock:
-            self._reserved -= n
-            self.images_produced += n
+            if filler:
+                self.filler_published += n
+            else:
+                self._reserved -= n
+                self.images_produced += n
             self.batches_published += 1
         self.metrics.stream_published.inc()
 
@@ -192,11 +217,11 @@ class ProductionController:
         last_refresh = 0.0
         while not self._stop.is_set():
             try:
-                result = self._queue.get(timeout=REFRESH_S)
+                result, filler = self._queue.get(timeout=REFRESH_S)
             except queue.Empty:
                 result = None
             if result is not None:
-                self._publish(result)
+                self._publish(result, filler)
             if time.monotonic() - last_refresh >= REFRESH_S or result is not None:
                 self._refresh()
                 last_refresh = time.monotonic()

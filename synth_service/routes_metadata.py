@@ -26,5 +26,6 @@ async def info(svc: ServiceDep) -> ServiceInfo:
         limits={"max_batch": svc.batcher.max_batch, "sync_max_images": cfg.sync_max_images,
                 "job_max_images": cfg.job_max_images, "max_iterations": cfg.max_iterations,
                 "max_queue_images": cfg.max_queue_images, "max_wait_ms": cfg.max_wait_ms,
-                "max_body_bytes": cfg.max_body_bytes, "job_retention_bytes": cfg.job_retention_bytes},
+                "max_body_bytes": cfg.max_body_bytes, "job_retention_bytes": cfg.job_retention_bytes,
+                "min_batch_fill": svc.batcher.min_fill},
         device=str(svc.engine.device))

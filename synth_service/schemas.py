@@ -24,6 +24,10 @@ class ImageRequest(BaseModel):
                                                "use the service default (and to be coalesced with production)")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="seeds the request's starting noise")
     format: ImageFormat = Field("png", description="png: one image or a grid (a row per class); zip; npz")
+    fresh: bool | None = Field(None, description="true: synthesise; false: serve from the warm pool "
+                                                 "(service.pool) at once, or synthesise when it is cold (the "
+                                                 "X-Pool header says which); omit for the service default "
+                                                 "(service.pool.serve_by_default)")
 
 
 class JobRequest(ImageRequest):
@@ -31,6 +35,8 @@ class JobRequest(ImageRequest):
         "examples": [{"class_ids": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], "per_class": 100, "format": "npz"}]})
 
     per_class: int = Field(1, ge=1, le=100_000, description="images per class")
+    fresh: Literal[True] | None = Field(None, description="jobs always synthesise (the warm pool serves "
+                                                          "POST /v1/images)")
 
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -94,6 +100,8 @@ class ProductionStatus(BaseModel):
     per_class: int
     target_images: int | None
     images_produced: int
+    filler_published: int = Field(description="filler images of request batches published to the stream (not "
+                                              "counted in images_produced or target_images)")
     batches_published: int
     pending_publish: int
     stream: str | None
@@ -101,6 +109,18 @@ class ProductionStatus(BaseModel):
     max_backlog: int | None
     redis_ok: bool
     paused_reason: str | None
+
+
+class PoolStatus(BaseModel):
+    enabled: bool
+    directory: str | None = None
+    target_per_class: int | None = None
+    images: int = 0
+    images_per_class: list[int] = Field(default_factory=list)
+    bytes: int = 0
+    max_bytes: int | None = None
+    oldest_age_s: float | None = None
+    refilling: int = Field(0, description="images being synthesised for the pool now")
 
 
 class Health(BaseModel):

@@ -1,7 +1,9 @@
 """Session fixtures: real digits teachers trained once per test run (seconds on 2 cores)."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +44,14 @@ def digits_verifier(digits_settings, teacher_dir) -> Teacher:
     recipe = TeacherRecipe(dataset="digits", arch="digits_lenet")
     _, card_path = train_teacher(recipe, digits_settings.data, teacher_dir, name="digits_lenet", log=lambda m: None)
     return load_teacher(card_path)
+
+
+@pytest.fixture(scope="session")
+def verifier_card(digits_verifier, teacher_dir) -> Path:
+    """The digits verifier's card, for `synth.verifier`."""
+    path = teacher_dir / "digits_lenet.json"
+    assert json.loads(path.read_text())["fingerprint"] == digits_verifier.card.fingerprint
+    return path
 
 
 @pytest.fixture(scope="session")

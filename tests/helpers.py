@@ -1,11 +1,22 @@
 """Small helpers for tests (imported as `helpers`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.stream import StreamProducer
 from shared.teacher import TeacherCard
+from live_server import free_port
 from shared.wire import SynthesisRecord, WireBatch
 
 
@@ -30,3 +41,42 @@ def publish(producer: StreamProducer, card, start: int, count: int) -> list[str]
             images=rng.integers(0, 256, (16, 1, 16, 16), dtype=np.uint8),
             logits=rng.standard_normal((16, 10)).astype(np.float16), synthesis=SynthesisRecord(seed=i)))
     return ids
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Sample name (with sorted labels) -> value, from the Prometheus text format."""
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return values
+
+
+@contextmanager
+def dfkd_serve(card_path: Path, cwd: Path, headers: dict[str, str] | None = None,
+               **env_settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`dfkd serve --config digits` in its own process, as a user starts it, until it answers /readyz."""
+    port = free_port()
+    env = os.environ | {"DFKD_SERVICE__ACCESS_LOG": "false"} | env_settings
+    log = Path(cwd) / f"serve-{port}.log"  # a file, not a pipe: a pipe nobody reads would block a chatty service
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dfkd", "serve", "--config", "digits", "--teacher",
+                                 str(card_path), "--port", str(port), "--device", "cpu"], cwd=cwd, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/readyz", headers=headers, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "dfkd serve did not become ready"
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -12,6 +12,7 @@ from synth_service.app import create_app
 EXPECTED = {
     ("POST", "/v1/images"): ("images", {200, 401, 413, 422, 429, 504}, "create_images_v1_images_post",
                              "ImageRequest", "binary"),
+    ("GET", "/v1/pool"): ("images", {200, 401, 413, 422, 429}, "pool_status_v1_pool_get", None, "PoolStatus"),
     ("POST", "/v1/jobs"): ("jobs", {202, 401, 413, 422, 429}, "create_job_v1_jobs_post", "JobRequest", "JobStatus"),
     ("GET", "/v1/jobs/{job_id}"): ("jobs", {200, 401, 404, 410, 413, 422, 429}, "job_status_v1_jobs__job_id__get",
                                    None, "JobStatus"),
@@ -30,7 +31,7 @@ EXPECTED = {
     ("GET", "/metrics"): ("operations", {200, 401}, "metrics_endpoint_metrics_get", None, "text"),
 }
 SCHEMAS = {"ClassInfo", "ClassList", "ErrorBody", "Health", "ImageRequest", "JobRequest", "JobStatus",
-           "ProductionStatus", "ProductionUpdate", "Readiness", "ServiceInfo", "TeacherInfo"}
+           "PoolStatus", "ProductionStatus", "ProductionUpdate", "Readiness", "ServiceInfo", "TeacherInfo"}
 BINARY = {"image/png", "application/zip", "application/octet-stream"}
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -16,7 +14,8 @@ import pytest
 from fastapi.routing import APIRoute
 
 from synth_service.app import create_app
-from live_server import LiveServer, free_port
+from helpers import dfkd_serve
+from live_server import LiveServer
 from test_service_http import settings_for
 
 TOKEN = "hardening-token"
@@ -40,27 +39,8 @@ def rss(pid: int) -> int:
 @contextmanager
 def serve(card_path, tmp_path, **env_settings: str):
     """`dfkd serve --config digits` in its own process, with the token set, until it answers /readyz."""
-    port = free_port()
-    env = os.environ | {"DFKD_SERVICE__AUTH_TOKEN": TOKEN, "DFKD_SERVICE__ACCESS_LOG": "false"} | env_settings
-    proc = subprocess.Popen([sys.executable, "-m", "dfkd", "serve", "--config", "digits", "--teacher", str(card_path),
-                             "--port", str(port), "--device", "cpu"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/readyz", headers=AUTH, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "dfkd serve did not become ready"
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with dfkd_serve(card_path, tmp_path, headers=AUTH, DFKD_SERVICE__AUTH_TOKEN=TOKEN, **env_settings) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +141,11 @@ def test_every_route_but_healthz_needs_the_token(digits_settings, digits_teacher
 
 
 def test_job_results_stay_within_their_byte_budget(card_path, tmp_path):
-    """20 jobs, each fetched (its zip kept for later fetches): beyond the budget the oldest are evicted (410)."""
-    jobs, images_per_job, budget = 20, 1000, MB
+    """20 jobs, each fetched (its zip kept for later fetches): beyond the budget the oldest are evicted (410).
+
+    A job's zip is about 1.8 MB, so holding on to every result would grow the service by about 37 MB over the
+    measured span, well beyond the 20 MB the test allows (the allocator alone has moved it by up to 9 MB)."""
+    jobs, images_per_job, budget = 20, 4000, 4 * MB
     # Two malloc arenas keep glibc's per-thread arenas from adding their own swings.
     with serve(card_path, tmp_path, DFKD_SERVICE__MAX_BATCH="250", DFKD_SERVICE__JOB_RETENTION_BYTES=str(budget),
                DFKD_SERVICE__MAX_QUEUE_IMAGES="4000", MALLOC_ARENA_MAX="2") as (url, proc):
@@ -187,9 +170,9 @@ def test_job_results_stay_within_their_byte_budget(card_path, tmp_path):
         growth = statistics.median(memory[-5:]) - statistics.median(memory[3:8])
         print(f"service RSS after each job (MB): {[round(m / MB) for m in memory]}; growth from jobs 4-8 to "
               f"16-20: {growth / MB:.1f} MB")
-        assert growth < 10 * MB
+        assert growth < 20 * MB
 
-        too_big = httpx.post(f"{url}/v1/jobs", json=body | {"per_class": 400}, headers=AUTH)
+        too_big = httpx.post(f"{url}/v1/jobs", json=body | {"per_class": 2000}, headers=AUTH)
         assert too_big.status_code == 422 and f"over the {budget}-byte job budget" in too_big.text
 
 
@@ -205,7 +188,7 @@ def test_the_engine_worker_blocks_when_production_deals_nothing(digits_settings,
     metrics = SynthMetrics()
     production = ProductionController(settings, digits_teacher.card, metrics)
     with InversionEngine(digits_teacher, settings.synth) as engine:
-        batcher = Batcher(engine, metrics, 16, 0.1, 64, fill=production.fill_source())
+        batcher = Batcher(engine, metrics, 16, 0.1, 64, fills=[production.fill_source()])
         production.start()
         batcher.start()
         try:

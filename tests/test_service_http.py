@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import metric_values
 from live_server import LiveServer, free_port
 from synth_service.app import create_app
 
@@ -25,16 +25,6 @@ def settings_for(base, **service):
     # model_validate, not model_copy: the overrides go through the same validation as a config file.
     return base.model_copy(update={"synth": type(base.synth).model_validate(base.synth.model_dump() | FAST_SYNTH),
                                    "service": type(base.service).model_validate(base.service.model_dump() | svc)})
-
-
-def metric_values(text: str) -> dict[str, float]:
-    """Sample name (with sorted labels) -> value, from the Prometheus text format."""
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return values
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,6 @@ LABELS = [c for c in range(10) for _ in range(4)]
 ITERATIONS = 40
 
 
-@pytest.fixture(scope="module")
-def verifier_card(digits_verifier, teacher_dir) -> Path:
-    path = teacher_dir / "digits_lenet.json"
-    assert json.loads(path.read_text())["fingerprint"] == digits_verifier.card.fingerprint
-    return path
-
-
 def _hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
