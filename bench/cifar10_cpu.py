@@ -299,7 +299,7 @@ def make_pool(run: Run, method: str, verifier: Path) -> dict:
             pool.meta.setdefault("warmup_seconds", round(engine.warm_up(), 1))
         pool.meta["seconds"] += time.perf_counter() - t0
         last_save = time.perf_counter()
-        while pool.meta["seconds"] < b.pool_seconds:
+        while pool.meta["seconds"] < b.pool_seconds or not pool.count:  # a warm-up may spend the whole budget
             t0 = time.perf_counter()
             pool.add(engine.synthesize(labels, seed=1000 * METHODS.index(method) + pool.meta["batches"]))
             if adi is not None:
