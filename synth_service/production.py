@@ -82,6 +82,10 @@ class ProductionController:
     def paused_reason(self) -> str | None:
         if not self.enabled:
             return "disabled"
+        return self._stream_blocked()
+
+    def _stream_blocked(self) -> str | None:
+        """Why the stream cannot take images now, production switched on or not (None: it can)."""
         if self.stream_cfg.redis_url is None:
             return "no stream configured"
         if not self.redis_ok:
@@ -127,9 +131,7 @@ class ProductionController:
         """Queue a request batch's filler images for the stream when it has room (production need not be on);
         False: not taken, the caller keeps them."""
         # The stream carries only the classes production is set to, and stops at its target.
-        if (self._producer is None or not self.redis_ok or self.backlog is None
-                or self.backlog >= self.stream_cfg.max_backlog or self.classes is not None
-                or (self.target_images is not None and self.images_produced + self._reserved >= self.target_images)):
+        if self.classes is not None or self._stream_blocked() is not None:
             return False
         try:
             self._queue.put_nowait((result, True))
