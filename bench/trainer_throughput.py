@@ -1,9 +1,13 @@
 """Trainer throughput: DearKD stage-1 and stage-2 steps in fp32 and under bf16 autocast, against a bare timm training
 loop (same student size, no MHCA, plain CE and AdamW) at the same batch; and the cost of reading the losses to the
 host every step (as the trainer once did) against every `log_every` steps. Synthetic random inputs, so only compute
-is measured. The last line printed is one JSON object.
+is measured. Beside them, stage 1 with the teachers' logits shipped with the batch (`train.teacher_logits:
+stored`: no teacher forward for logits, the teacher run only up to its last feature stage) against computing them
+online, for the teacher alone and with `--ensemble` members; with and without the early-feature term.
+The last line printed is one JSON object.
 
     python bench/trainer_throughput.py --config digits --steps 30      # the digits teacher by default
+    python bench/trainer_throughput.py --ensemble runs/teachers/digits_rednet_digits.json
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from shared.config import Settings, resolve_device  # noqa: E402
+from shared.ensemble import Ensemble  # noqa: E402
 from shared.models.dearkd_student import create_student  # noqa: E402
 from trainer.engine import DearKDTrainer, autocast_dtype  # noqa: E402
 from trainer.metrics import TrainerMetrics  # noqa: E402
@@ -42,10 +47,28 @@ def timed(step, steps: int, warmup: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def make_trainer(s: Settings, cfg, teacher, device: torch.device, precision: str) -> DearKDTrainer:
+def make_trainer(s: Settings, cfg, teacher, device: torch.device, precision: str,
+                 ensemble: Ensemble | None = None, dearkd=None) -> DearKDTrainer:
     torch.manual_seed(0)
-    return DearKDTrainer(cfg, s.dearkd, s.train.model_copy(update={"steps": FAR, "precision": precision}),
-                         teacher.model, device)
+    return DearKDTrainer(cfg, dearkd or s.dearkd, s.train.model_copy(update={"steps": FAR, "precision": precision}),
+                         teacher.model, device, ensemble=ensemble)
+
+
+def logit_paths(s: Settings, cfg, teacher, ensemble: Ensemble, x, y, args, device, precision: str) -> dict:
+    """Stage-1 images/s with logits computed online against shipped ones, with and without early features."""
+    out = {}
+    for features, beta in (("with_features", s.dearkd.beta), ("logits_only", 0.0)):
+        dearkd = s.dearkd.model_copy(update={"beta": beta})
+        trainer = make_trainer(s, cfg, teacher, device, precision, ensemble, dearkd)
+        stored = trainer.online_logits(x)
+        online = timed(lambda: trainer.train_step(x, y), args.steps, args.warmup, device)
+        rows = trainer.online_logit_rows
+        shipped = timed(lambda: trainer.train_step(x, y, stored), args.steps, args.warmup, device)
+        assert trainer.online_logit_rows == rows, "the stored path ran a teacher for logits"
+        images = len(y) * args.steps
+        out[features] = {"beta": beta, "online_images_per_s": round(images / online, 1),
+                         "stored_images_per_s": round(images / shipped, 1), "speedup": round(online / shipped, 3)}
+    return out
 
 
 def stage_seconds(trainer: DearKDTrainer, x, y, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
@@ -68,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--log-every", type=int, default=50, help="loss reads in the sync comparison (train.log_every)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--ensemble", action="append", default=[], help="a further teacher card (repeatable)")
     args = p.parse_args(argv)
     s = Settings.load(args.config)
     device = resolve_device(args.device)
@@ -114,6 +138,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     bare_s = timed(bare_step, args.steps, args.warmup, device)
 
+    alone = Ensemble([teacher])
+    ensembles = {"teacher": alone} | ({"ensemble": Ensemble.load(teacher, args.ensemble).to(device)}
+                                      if args.ensemble else {})
+    logits = {name: {"members": e.names} | logit_paths(s, cfg, teacher, e, x, y, args, device, default)
+              for name, e in ensembles.items()}
+
     def rate(sec: float) -> float:
         return round(args.steps / sec, 2)
 
@@ -129,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
            "bf16_over_fp32": {"stage1": round(seconds["fp32"][0] / seconds["bf16"][0], 3),
                               "stage2": round(seconds["fp32"][1] / seconds["bf16"][1], 3)},
            "host_reads": {"log_every": args.log_every, "every_step_steps_per_s": rate(per_step),
-                          "when_logging_steps_per_s": rate(logged), "gain": round(per_step / logged, 3)}}
+                          "when_logging_steps_per_s": rate(logged), "gain": round(per_step / logged, 3)},
+           "stored_logits": logits}
     print(json.dumps(out))
     return out
 

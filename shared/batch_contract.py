@@ -23,12 +23,15 @@ class BatchContract:
     fingerprint: str | None = None                  # the teacher's; None: any
     image_shape: tuple[int, int, int] | None = None  # (C, H, W); None: any
     num_classes: int | None = None                  # labels and logits width; None: any
+    ensemble: tuple[str, ...] | None = None         # fingerprints of the logits' members, teacher first; None: any
 
     @classmethod
-    def from_stream(cls, stream: StreamConfig, card=None) -> "BatchContract":
-        """The stream's caps, plus `card`'s (a TeacherCard) shapes and fingerprint when given."""
+    def from_stream(cls, stream: StreamConfig, card=None, ensemble: tuple[str, ...] | None = None,
+                    ) -> "BatchContract":
+        """The stream's caps, plus `card`'s (a TeacherCard) shapes and fingerprint when given, and the fingerprints
+        of a teacher ensemble whose logits batches must carry when they carry any."""
         caps = dict(max_images=stream.max_batch_images, max_bytes=stream.max_batch_bytes,
-                    max_chunks=stream.max_batch_chunks)
+                    max_chunks=stream.max_batch_chunks, ensemble=ensemble)
         if card is None:
             return cls(**caps)
         return cls(**caps, fingerprint=card.fingerprint or None,
@@ -58,8 +61,11 @@ class BatchContract:
             bad = sorted({label for label in header.labels if label >= k})
             if bad:
                 return f"label(s) {bad[:10]} out of range: the teacher has {k} classes (0..{k - 1})"
-            if header.logits_shape is not None and header.logits_shape[1] != k:
-                return f"logits have {header.logits_shape[1]} columns; the teacher has {k} classes"
+            if header.logits is not None and header.logits.classes != k:
+                return f"logits have {header.logits.classes} columns; the teacher has {k} classes"
+        if self.ensemble is not None and header.logits is not None and tuple(header.logits.members) != self.ensemble:
+            return (f"logits of the ensemble {_short(header.logits.members)}; this trainer distils from "
+                    f"{_short(self.ensemble)} (its `ensemble` setting must match the service's)")
         return None
 
     def arrays_violation(self, header: BatchHeader, images_shape: tuple[int, ...], images_dtype: np.dtype,
@@ -80,6 +86,10 @@ class BatchContract:
             if not np.isfinite(logits).all():
                 return "non-finite teacher logits"
         return None
+
+
+def _short(fingerprints) -> str:
+    return "[" + ", ".join(f[:12] + "..." for f in fingerprints) + "]"
 
 
 def _chw(shape) -> str:

@@ -373,6 +373,11 @@ class TrainConfig(BaseModel):
                             "optimizer stay fp32). On CUDA, fp32 matmuls and convolutions use TF32")
     crop_padding: int = Field(2, ge=0, description="random-crop padding (px) for synthetic and in-memory images")
     flip: bool = False
+    teacher_logits: Literal["auto", "stored", "online"] = Field(
+        "auto", description="stored: distil the logits shipped with each batch (no teacher forward for them); "
+                            "synthetic images are then only flipped, the one view besides the original whose logits "
+                            "are shipped. online: run the teachers on every augmented view. auto: stored when "
+                            "`ensemble` is set")
     real_dir: Path | None = Field(None, description="ImageFolder of real images, read with DALI")
     real_fraction: float = Field(0.0, ge=0, le=1, description="share of each batch from real_dir "
                                                               "(1.0: the partial-data setting, no synthetic data)")
@@ -395,6 +400,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DFKD_", env_nested_delimiter="__", extra="forbid")
 
     teacher: Path | None = Field(None, description="teacher card (JSON) written by `dfkd teacher train`")
+    ensemble: list[Path] = Field(default_factory=list, description="further teacher cards (LIB-KD): the service "
+                                 "ships every member's logits with each batch, the teacher's first; the trainer "
+                                 "distils their averaged soft targets. Service and trainer must list the same cards")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     seed: int = Field(0, ge=0)
     runs_dir: Path = Path("runs")

@@ -1,7 +1,9 @@
 """The versioned wire format of a synthetic batch on the stream: a JSON header + raw bytes. Never pickle.
 
 An entry is the field map {b"header": JSON, b"payload": bytes}. The payload is the uint8 NCHW image bytes followed,
-when present, by the teacher's float16 logits (little-endian, [N, K]). A batch larger than the entry cap is split
+when present, by teacher logits: float16 (little-endian) [M, V, N, K], one [N, K] block per ensemble member (member 0
+is the primary teacher) and per view of the images (identity, h-flip). Version 1 carried one [N, K] block, the
+primary's on the identity view; it still decodes, as M = V = 1. A batch larger than the entry cap is split
 into chunks; every chunk carries the whole batch header plus its own chunk_index/chunk_count, so any single entry
 can be inspected on its own and a reader can tell exactly which chunks are missing.
 See docs/architecture.md §5.
@@ -20,11 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, m
 
 from shared.errors import WireFormatError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 HEADER_FIELD = b"header"
 PAYLOAD_FIELD = b"payload"
 LOGITS_DTYPE = np.dtype("<f2")  # explicit byte order: readers on any machine agree
+LOGIT_VIEWS = ("identity", "hflip")  # the views logits can be shipped for, in the order they are stored
+MAX_MEMBERS = 16
 
 EntryFields = dict[bytes, bytes]
 
@@ -48,6 +53,41 @@ class SynthesisRecord(BaseModel):
     seed: int
 
 
+class LogitsBlock(BaseModel):
+    """Which logits follow the images: one [N, K] float16 block per (member, view), member-major."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    members: list[Annotated[str, Field(pattern=SHA256_HEX)]] = Field(min_length=1, max_length=MAX_MEMBERS)
+    views: list[Literal[LOGIT_VIEWS]] = Field(min_length=1, max_length=len(LOGIT_VIEWS))
+    classes: int = Field(ge=1)
+    dtype: Literal["float16"] = "float16"
+
+    @model_validator(mode="after")
+    def _unique(self) -> "LogitsBlock":
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("an ensemble member is listed twice")
+        if list(self.views) != [v for v in LOGIT_VIEWS if v in self.views]:
+            raise ValueError(f"views must be distinct and in the order {list(LOGIT_VIEWS)}")
+        return self
+
+    def shape(self, images: int) -> tuple[int, int, int, int]:
+        return len(self.members), len(self.views), images, self.classes
+
+
+def _from_version_1(data: dict) -> dict:
+    """A version-1 header as version 2: its [N, K] logits are the primary teacher's on the identity view."""
+    data = dict(data, version=SCHEMA_VERSION)
+    shape, dtype = data.pop("logits_shape", None), data.pop("logits_dtype", None)
+    if shape is not None or dtype is not None:
+        if not isinstance(shape, (list, tuple)) or len(shape) != 2 or dtype != "float16":
+            raise ValueError(f"version-1 logits_shape {shape!r} / logits_dtype {dtype!r}: expected [N, K] float16")
+        if shape[0] != len(data.get("labels") or []):
+            raise ValueError(f"logits_shape {list(shape)} does not have one row per image")
+        data["logits"] = {"members": [data.get("teacher_fingerprint")], "views": ["identity"], "classes": shape[1]}
+    return data
+
+
 class BatchHeader(BaseModel):
     """The JSON header of every entry of a batch. Validation here is what a reader trusts."""
 
@@ -66,8 +106,7 @@ class BatchHeader(BaseModel):
     mean: tuple[float, ...]
     std: tuple[Annotated[float, Field(gt=0)], ...]
     labels: list[Annotated[int, Field(ge=0)]]
-    logits_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
-    logits_dtype: Literal["float16"] | None = None
+    logits: LogitsBlock | None = None
     synthesis: SynthesisRecord
     stats: dict[str, float | list[float]] = Field(default_factory=dict)
     created_at: float
@@ -80,9 +119,11 @@ class BatchHeader(BaseModel):
     @classmethod
     def _known_version(cls, data: object) -> object:
         # Checked first so a future format fails with one clear message, not a list of field errors.
-        if isinstance(data, dict) and data.get("version") != SCHEMA_VERSION:
+        if isinstance(data, dict) and data.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"unsupported wire schema version {data.get('version')!r}; "
-                             f"this reader understands version {SCHEMA_VERSION}")
+                             f"this reader understands versions {', '.join(map(str, READABLE_VERSIONS))}")
+        if isinstance(data, dict) and data.get("version") == 1:
+            return _from_version_1(data)
         return data
 
     @model_validator(mode="after")
@@ -92,13 +133,11 @@ class BatchHeader(BaseModel):
             raise ValueError(f"{len(self.labels)} labels for {n} images (shape {list(self.shape)})")
         if len(self.mean) != c or len(self.std) != c:
             raise ValueError(f"mean/std have {len(self.mean)}/{len(self.std)} values for {c} channels")
-        if (self.logits_shape is None) != (self.logits_dtype is None):
-            raise ValueError("logits_shape and logits_dtype must be given together")
-        if self.logits_shape is not None and self.logits_shape[0] != n:
-            raise ValueError(f"logits_shape {list(self.logits_shape)} does not have one row per image ({n})")
+        if self.logits is not None and self.logits.members[0] != self.teacher_fingerprint:
+            raise ValueError("logits.members[0] must be the primary teacher (teacher_fingerprint)")
         if self.payload_bytes != self.expected_payload_bytes:
             raise ValueError(f"payload_bytes {self.payload_bytes} != {self.expected_payload_bytes} implied by "
-                             f"shape {list(self.shape)} and logits_shape {list(self.logits_shape or []) or None}")
+                             f"shape {list(self.shape)} and logits {list(self.logits_shape or []) or None}")
         if self.chunk_index >= self.chunk_count:
             raise ValueError(f"chunk_index {self.chunk_index} out of range for chunk_count {self.chunk_count}")
         return self
@@ -108,14 +147,20 @@ class BatchHeader(BaseModel):
         return math.prod(self.shape)
 
     @property
+    def logits_shape(self) -> tuple[int, int, int, int] | None:
+        """[members, views, images, classes], or None without logits."""
+        return self.logits.shape(self.shape[0]) if self.logits is not None else None
+
+    @property
     def expected_payload_bytes(self) -> int:
-        logits = math.prod(self.logits_shape) * LOGITS_DTYPE.itemsize if self.logits_shape else 0
+        logits = math.prod(self.logits_shape) * LOGITS_DTYPE.itemsize if self.logits is not None else 0
         return self.image_bytes + logits
 
 
 @dataclass
 class WireBatch:
-    """A batch as producers build it and readers get it back: metadata + uint8 NCHW images (+ fp16 logits)."""
+    """A batch as producers build it and readers get it back: metadata + uint8 NCHW images, and optionally float16
+    logits [M, V, N, K] of the ensemble `logit_members` (member 0: the teacher) on the views `logit_views`."""
 
     batch_id: str
     sequence: int
@@ -127,8 +172,34 @@ class WireBatch:
     images: np.ndarray
     synthesis: SynthesisRecord
     logits: np.ndarray | None = None
+    logit_members: tuple[str, ...] = ()    # () with logits: the teacher alone
+    logit_views: tuple[str, ...] = ("identity",)
     stats: dict[str, float | list[float]] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.logit_members, self.logit_views = tuple(self.logit_members), tuple(self.logit_views)
+        if self.logits is not None and not self.logit_members:
+            self.logit_members = (self.teacher_fingerprint,)
+
+    def logits_block(self) -> LogitsBlock | None:
+        if self.logits is None:
+            return None
+        return LogitsBlock(members=list(self.logit_members),
+                           views=list(self.logit_views), classes=self.logits.shape[-1])
+
+    def primary_logits(self) -> np.ndarray | None:
+        """[N, K]: the teacher's logits on the images as stored (member 0, identity view), or None."""
+        if self.logits is None or "identity" not in self.logit_views:
+            return None
+        return self.logits[0, self.logit_views.index("identity")]
+
+
+def logit_names(header: BatchHeader) -> dict:
+    """WireBatch's logit_members and logit_views for `header` (empty when it has no logits)."""
+    if header.logits is None:
+        return {}
+    return {"logit_members": tuple(header.logits.members), "logit_views": tuple(header.logits.views)}
 
 
 def _explain(error: ValidationError) -> str:
@@ -162,15 +233,13 @@ class BatchCodec:
     """WireBatch <-> stream entries. Stateless; one instance can serve every thread."""
 
     def header(self, batch: WireBatch, payload: bytes) -> BatchHeader:
-        logits = batch.logits
         try:
+            block = batch.logits_block()
             return BatchHeader(
                 version=SCHEMA_VERSION, batch_id=batch.batch_id, sequence=batch.sequence,
                 producer_id=batch.producer_id, teacher_fingerprint=batch.teacher_fingerprint,
                 shape=batch.images.shape, mean=batch.mean, std=batch.std, labels=list(batch.labels),
-                logits_shape=None if logits is None else logits.shape,
-                logits_dtype=None if logits is None else "float16",
-                synthesis=batch.synthesis, stats=batch.stats, created_at=batch.created_at,
+                logits=block, synthesis=batch.synthesis, stats=batch.stats, created_at=batch.created_at,
                 payload_sha256=hashlib.sha256(payload).hexdigest(), payload_bytes=len(payload))
         except ValidationError as error:
             raise WireFormatError(f"batch {batch.batch_id!r} cannot be encoded: {_explain(error)}") from None
@@ -182,8 +251,14 @@ class BatchCodec:
                                   f"{getattr(batch.images, 'shape', '')}")
         parts = [np.ascontiguousarray(batch.images).tobytes()]
         if batch.logits is not None:
-            if not isinstance(batch.logits, np.ndarray) or batch.logits.dtype != np.float16 or batch.logits.ndim != 2:
-                raise WireFormatError(f"batch {batch.batch_id!r}: logits must be a float16 [N, K] numpy array")
+            if not isinstance(batch.logits, np.ndarray) or batch.logits.dtype != np.float16 or batch.logits.ndim != 4:
+                raise WireFormatError(f"batch {batch.batch_id!r}: logits must be a float16 [M, V, N, K] numpy array")
+            members = len(batch.logit_members)
+            expected = (members, len(batch.logit_views), batch.images.shape[0])
+            if batch.logits.shape[:3] != expected:
+                raise WireFormatError(f"batch {batch.batch_id!r}: logits are {list(batch.logits.shape)}; {members} "
+                                      f"member(s), {len(batch.logit_views)} view(s) and {batch.images.shape[0]} "
+                                      f"images need {list(expected)} + [K]")
             parts.append(np.ascontiguousarray(batch.logits, dtype=LOGITS_DTYPE).tobytes())
         return b"".join(parts)
 
@@ -226,13 +301,13 @@ class BatchCodec:
                                   "or in the store)")
         images = np.frombuffer(payload, dtype=np.uint8, count=first.image_bytes).reshape(first.shape)
         logits = None
-        if first.logits_shape is not None:
+        if first.logits is not None:
             logits = np.frombuffer(payload, dtype=LOGITS_DTYPE, offset=first.image_bytes).reshape(first.logits_shape)
             logits = logits.astype(np.float16, copy=False)  # native order; no copy on little-endian hosts
         return WireBatch(batch_id=first.batch_id, sequence=first.sequence, producer_id=first.producer_id,
                          teacher_fingerprint=first.teacher_fingerprint, mean=first.mean, std=first.std,
                          labels=first.labels, images=images, synthesis=first.synthesis, logits=logits,
-                         stats=first.stats, created_at=first.created_at)
+                         **logit_names(first), stats=first.stats, created_at=first.created_at)
 
     @staticmethod
     def _check_chunks(headers: list[BatchHeader]) -> None:

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from shared.config import Settings, resolve_device
 from shared.errors import DfkdError
+from shared.ensemble import Ensemble, hook_free_copy
 from shared.teacher import Teacher, TeacherCard, load_teacher
 from synth_service.batcher import Batcher
 from synth_service.class_pool import ClassPool
@@ -54,6 +55,15 @@ def filler_sink(destination: str, production: ProductionController, pool: ClassP
     return sink
 
 
+def stream_ensemble(settings: Settings, teacher: Teacher, device) -> Ensemble | None:
+    """The models whose logits ship with stream batches: a hook-free copy of the teacher plus `ensemble`. Members
+    are checked even without a stream, so a bad list fails at start-up."""
+    streaming = settings.stream.redis_url is not None and settings.stream.include_logits
+    primary = hook_free_copy(teacher) if streaming else teacher
+    members = Ensemble.load(primary, settings.ensemble)
+    return members.to(device) if streaming else None
+
+
 def service_lifespan(settings: Settings, teacher: Teacher | None):
     """Loads the teacher and starts the workers when the server starts (not when the app is built, so building one
     for its OpenAPI document costs nothing); stops them on shutdown."""
@@ -64,15 +74,18 @@ def service_lifespan(settings: Settings, teacher: Teacher | None):
         cfg = settings.service
         metrics: SynthMetrics = app.state.metrics
         t = teacher or load_teacher(settings.teacher)
+        device = resolve_device(settings.device)
+        # Made before the engine hooks the teacher: the publisher thread runs its own copy.
+        ensemble = stream_ensemble(settings, t, device)
         feedback_on = settings.feedback.enabled and settings.stream.redis_url is not None
-        engine = create_synthesizer(t, settings.synth, device=resolve_device(settings.device),
+        engine = create_synthesizer(t, settings.synth, device=device,
                                     student_optional=feedback_on, log=_log)
         metrics.method.labels(engine.method).set(1)
         feedback = None
         if feedback_on:
             feedback = StudentFeedback(settings, t.card, metrics, device=engine.device, log=_log,
                                        on_student=lambda model, card: engine.set_student(model, card.model_dump()))
-        production = ProductionController(settings, t.card, metrics)
+        production = ProductionController(settings, t.card, metrics, ensemble)
         pool = ClassPool(cfg.pool, t.card, metrics, log=_log) if cfg.pool.enabled else None
         max_batch = cfg.max_batch or settings.synth.batch_size
         fills = [production.fill_source()] + ([pool.refill_source()] if pool is not None else [])

@@ -16,9 +16,10 @@ from typing import Callable
 import redis
 
 from shared.config import Settings
+from shared.ensemble import Ensemble
 from shared.teacher import TeacherCard
 from shared.stream import StreamProducer, StreamUnavailableError, connect_redis
-from shared.wire import SynthesisRecord, WireBatch
+from shared.wire import LOGIT_VIEWS, SynthesisRecord, WireBatch
 from synth_service.batcher import FillSource
 from synth_service.result import SynthResult
 from synth_service.metrics import SynthMetrics
@@ -29,23 +30,33 @@ REFRESH_S = 0.5
 
 
 def wire_batch(result: SynthResult, card: TeacherCard, producer_id: str, sequence: int,
-               synthesis: dict, include_logits: bool) -> WireBatch:
+               synthesis: dict, ensemble: Ensemble | None) -> WireBatch:
+    """The stream batch of `result`; with an ensemble, every member's logits on the delivered uint8 images, for
+    each view in LOGIT_VIEWS (what the trainer's stored-logit path needs)."""
     stats = {"teacher_top1": float((result.teacher_top1 == result.labels).float().mean()),
              "teacher_confidence": float(result.teacher_confidence.mean()), "seconds": result.seconds,
              **{f"final_{k}": v for k, v in result.final_terms.items()}}
+    logits = {}
+    if ensemble is not None:
+        started = time.perf_counter()
+        logits = {"logits": ensemble.logits(result.images, LOGIT_VIEWS).half().numpy(),
+                  "logit_members": ensemble.fingerprints, "logit_views": LOGIT_VIEWS}
+        stats["logits_seconds"] = time.perf_counter() - started
     return WireBatch(
         batch_id=f"{producer_id}-{sequence}", sequence=sequence, producer_id=producer_id,
         teacher_fingerprint=card.fingerprint, mean=tuple(card.mean), std=tuple(card.std),
-        labels=result.labels.tolist(), images=result.images.numpy(),
-        logits=result.logits.half().numpy() if include_logits and result.logits is not None else None,
+        labels=result.labels.tolist(), images=result.images.numpy(), **logits,
         synthesis=SynthesisRecord(params={**synthesis, "iterations": result.iterations}, seed=result.seed),
         stats=stats,
         created_at=time.time())
 
 
 class ProductionController:
-    def __init__(self, settings: Settings, card: TeacherCard, metrics: SynthMetrics):
+    def __init__(self, settings: Settings, card: TeacherCard, metrics: SynthMetrics, ensemble: Ensemble | None = None):
+        """`ensemble`: the models whose logits ship with each batch (with `stream.include_logits`); its member 0
+        must be a copy of the teacher that the engine does not use, since this runs on the publisher thread."""
         self.settings = settings
+        self.ensemble = ensemble if settings.stream.include_logits else None
         self.stream_cfg = settings.stream
         self.card = card
         self.metrics = metrics
@@ -192,7 +203,8 @@ class ProductionController:
             sequence = self._sequence
         batch = wire_batch(result, self.card, self.producer_id, sequence,
                            {"teacher": self.card.name, **self.settings.synth.model_dump(mode="json"),
-                            "filler": filler}, self.stream_cfg.include_logits)
+                            "filler": filler, "ensemble": self.ensemble.names if self.ensemble else None},
+                           self.ensemble)
         delay = self.stream_cfg.retry_initial_s
         while not self._stop.is_set():
             try:

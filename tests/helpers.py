@@ -39,7 +39,7 @@ def publish(producer: StreamProducer, card, start: int, count: int) -> list[str]
             batch_id=ids[-1], sequence=i, producer_id="test", teacher_fingerprint=card.fingerprint,
             mean=card.mean, std=card.std, labels=rng.integers(0, 10, 16).tolist(),
             images=rng.integers(0, 256, (16, 1, 16, 16), dtype=np.uint8),
-            logits=rng.standard_normal((16, 10)).astype(np.float16), synthesis=SynthesisRecord(seed=i)))
+            logits=rng.standard_normal((1, 1, 16, 10)).astype(np.float16), synthesis=SynthesisRecord(seed=i)))
     return ids
 
 

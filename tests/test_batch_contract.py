@@ -16,7 +16,7 @@ from shared.wire import HEADER_FIELD, PAYLOAD_FIELD, MAX_HEADER_BYTES, BatchCode
 from trainer.consumer import PollResult
 from trainer.store import FreshFirstSampler, SyntheticStore
 from test_consumer import assert_drained, dead_letters, make_consumer, poll_until_quiet, publish, stream_config
-from test_wire import FINGERPRINT, make_batch
+from test_wire import FINGERPRINT, ensemble_batch, make_batch
 
 OLD_STORE = Path(__file__).parent / "data" / "store_v1"  # written by the store before contracts existed
 
@@ -57,6 +57,28 @@ def test_batches_the_teacher_cannot_train_on_are_dead_lettered_with_their_reason
     assert "40 images in one batch; the limit is stream.max_batch_images = 32" in reasons["too-many"]
     assert_drained(redis_client)
     assert producer.backlog() == 0
+
+
+def test_batches_of_another_ensemble_are_dead_lettered(redis_client, tmp_path):
+    """A trainer distilling the ensemble (teacher, X) takes chunked batches of that ensemble and batches without
+    logits, and dead-letters one carrying (teacher, Y)'s logits, saying which ensembles differ."""
+    ours, theirs = ensemble_batch(), ensemble_batch()
+    ours.batch_id, theirs.batch_id = "ours", "theirs"
+    theirs.logit_members = (FINGERPRINT, "ee" * 32)
+    plain = make_batch("plain", size=16, classes=None)
+    assert len(BatchCodec().encode(ours, stream_config().chunk_bytes)) > 2
+    publish(redis_client, [ours, theirs, plain])
+    contract = teacher_contract(image_shape=(3, 16, 16), ensemble=ours.logit_members)
+    store = SyntheticStore(tmp_path, contract)
+    chunks = len(BatchCodec().encode(theirs, stream_config().chunk_bytes))
+    assert poll_until_quiet(make_consumer(redis_client, store, contract=contract)) == PollResult(
+        stored=2, dead_lettered=chunks)
+    assert store.batch_ids() == ["ours", "plain"]
+    reason = dead_letters(redis_client)[0]["reason"].decode()
+    assert ("logits of the ensemble [abababababab..., eeeeeeeeeeee...]; this trainer distils from "
+            "[abababababab..., 010101010101...]") in reason, reason
+    np.testing.assert_array_equal(store.get("ours").logits, ours.logits)
+    assert_drained(redis_client)
 
 
 @pytest.mark.parametrize("chunk_count", [10**9, 500])

@@ -58,6 +58,34 @@ def test_trainer_throughput_prints_its_json_line(digits_teacher, teacher_dir):
         assert out[key] > 0
 
 
+def test_trainer_throughput_times_stored_against_online_logits(digits_teacher, verifier_card, teacher_dir):
+    res = subprocess.run([sys.executable, "bench/trainer_throughput.py", "--teacher",
+                          str(teacher_dir / "digits_cnn.json"), "--steps", "2", "--warmup", "1", "--batch", "8",
+                          "--device", "cpu", "--ensemble", str(verifier_card)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])["stored_logits"]
+    assert out["ensemble"]["members"] == ["digits_cnn", "digits_lenet"] and out["teacher"]["members"] == ["digits_cnn"]
+    for paths in (out["teacher"], out["ensemble"]):
+        for key in ("with_features", "logits_only"):
+            assert paths[key]["online_images_per_s"] > 0 and paths[key]["stored_images_per_s"] > 0
+    assert out["ensemble"]["logits_only"]["beta"] == 0.0
+
+
+def test_ensemble_kd_prints_its_json_line(digits_teacher, verifier_card, teacher_dir):
+    """The LeNet verifier stands in for the involution teacher, which takes minutes to train."""
+    res = subprocess.run([sys.executable, "bench/ensemble_kd.py", "--teacher", str(teacher_dir / "digits_cnn.json"),
+                          "--involution", str(verifier_card), "--per-class", "2", "--steps", "2", "--seeds", "1",
+                          "--variants", "conv,ensemble,ensemble_online"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])["results"]
+    assert out["conv"]["runs"][0]["members"] == ["digits_cnn"]
+    assert out["ensemble"]["runs"][0]["members"] == ["digits_cnn", "digits_lenet"]
+    assert out["ensemble"]["runs"][0]["online_logit_rows"] == 0 and out["ensemble_online"]["runs"][0][
+        "online_logit_rows"] > 0
+
+
 def test_dearkd_ablation_prints_its_json_line(digits_teacher, teacher_dir):
     res = subprocess.run([sys.executable, "bench/dearkd_ablation.py", "--teacher", str(teacher_dir / "digits_cnn.json"),
                           "--per-class", "2", "--steps", "2", "--variants", "dearkd,no_mhca"],

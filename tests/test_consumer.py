@@ -254,6 +254,7 @@ def test_bad_entries_go_to_the_dead_letter_stream_and_consumption_goes_on(redis_
 def test_a_batch_from_another_teacher_is_dead_lettered(redis_client, tmp_path):
     stranger = make_batch("stranger", seed=5)
     stranger.teacher_fingerprint = "cd" * 32
+    stranger.logit_members = (stranger.teacher_fingerprint,)
     publish(redis_client, [make_batch("ours-0"), stranger, make_batch("ours-1", seed=1)])
     store = SyntheticStore(tmp_path)
     assert poll_until_quiet(make_consumer(redis_client, store)) == PollResult(stored=2, dead_lettered=1)

@@ -224,5 +224,5 @@ def test_background_production_streams_every_batch(digits_settings, digits_teach
     labels = [c for b in batches for c in b.labels]
     assert len(labels) == 48 and set(labels) == {1, 2, 3}
     assert all(b.teacher_fingerprint == digits_teacher.card.fingerprint for b in batches)
-    assert all(b.logits is not None and b.logits.shape == (len(b.labels), 10) for b in batches)
+    assert all(b.logits is not None and b.logits.shape == (1, 2, len(b.labels), 10) for b in batches)
     assert len({b.batch_id for b in batches}) == len(batches)

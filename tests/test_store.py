@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shared.batch_contract import BatchContract
+from shared.config import StreamConfig
+from shared.wire import SCHEMA_VERSION
 from trainer.store import FreshFirstSampler, SyntheticStore, atomic_write, read_batch
-from test_wire import assert_same_batch, make_batch
+from test_wire import FINGERPRINT, assert_same_batch, ensemble_batch, make_batch
 
 
 def fill(store: SyntheticStore, count: int, **batch_args) -> list[str]:
@@ -35,7 +38,7 @@ def test_a_stored_batch_is_a_plain_npz_and_round_trips(tmp_path):
         assert z["labels"].dtype == np.int64 and z["teacher_logits"].dtype == np.float16
         meta = json.loads(z["meta"].item())
     assert meta["batch_id"] == "b-0" and meta["teacher_fingerprint"] == batch.teacher_fingerprint
-    assert meta["shape"] == [5, 3, 8, 8] and meta["version"] == 1
+    assert meta["shape"] == [5, 3, 8, 8] and meta["version"] == SCHEMA_VERSION
     got = store.get("b-0")
     assert_same_batch(got.to_wire(), batch)
     assert_same_batch(read_batch(path).to_wire(), batch)
@@ -126,7 +129,7 @@ def test_sampler_takes_fresh_images_first_then_replays_everything(tmp_path):
     first, second = sampler.sample(), sampler.sample()
     assert first.n_fresh == 6 and second.n_fresh == 6
     np.testing.assert_array_equal(np.concatenate([first.images, second.images]), everything)
-    assert first.images.dtype == np.uint8 and first.labels.dtype == np.int64 and first.logits.shape == (6, 10)
+    assert first.images.dtype == np.uint8 and first.labels.dtype == np.int64 and first.logits.shape == (1, 1, 6, 10)
 
     replay = sampler.sample()
     assert replay.n_fresh == 0 and replay.images.shape == (6, 3, 8, 8)
@@ -199,3 +202,54 @@ def test_export_imagefolder_writes_decodable_pngs_per_class(tmp_path, channels):
     assert {p.parent.name for p in (tmp_path / "by_id").rglob("*.png")} <= {str(k) for k in range(10)}
     with pytest.raises(ValueError, match="no name"):
         store.export_imagefolder(tmp_path / "short", class_names=["only_one"])
+
+
+def test_ensemble_logits_survive_a_restart(tmp_path):
+    """Every member's logits for every view, read back by a reopened store and drawn by its sampler."""
+    batches = [ensemble_batch() for _ in range(2)]
+    for i, b in enumerate(batches):
+        b.batch_id, b.logits = f"e-{i}", (b.logits + i).astype(np.float16)
+    contract = BatchContract.from_stream(StreamConfig(), ensemble=batches[0].logit_members)
+    first = SyntheticStore(tmp_path, contract)
+    for b in batches:
+        assert first.put(b)
+    reopened = SyntheticStore(tmp_path, contract)
+    assert reopened.quarantined == []
+    for b in batches:
+        got = reopened.get(b.batch_id)
+        assert (got.logit_members, got.logit_views) == (b.logit_members, b.logit_views)
+        assert_same_batch(got.to_wire(), b)
+    sample = FreshFirstSampler(reopened, batch_size=12).sample()
+    assert sample.logits.shape == (2, 2, 12, 10) and sample.logit_members == batches[0].logit_members
+    np.testing.assert_array_equal(sample.logits[:, :, :6], batches[0].logits)
+    np.testing.assert_array_equal(sample.logits[:, :, 6:], batches[1].logits)
+
+
+def test_a_store_written_before_ensembles_still_opens(tmp_path):
+    """A version-1 npz ([N, K] logits, a version-1 header) reads as the teacher's logits on the identity view."""
+    batch = make_batch("old-0", n=5)
+    store = SyntheticStore(tmp_path)
+    store.put(batch)
+    path = tmp_path / "batches" / "old-0.npz"
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].item())
+    meta.pop("logits")
+    meta.update(version=1, logits_shape=[5, 10], logits_dtype="float16")
+    arrays["meta"], arrays["teacher_logits"] = np.array(json.dumps(meta)), arrays["teacher_logits"][0, 0]
+    np.savez(path, **arrays)
+    (tmp_path / "index.jsonl").unlink()
+    reopened = SyntheticStore(tmp_path, BatchContract.from_stream(StreamConfig(), ensemble=(FINGERPRINT,)))
+    assert reopened.quarantined == [] and len(reopened) == 1
+    got = reopened.get("old-0")
+    assert got.logits.shape == (1, 1, 5, 10) and got.logit_members == (FINGERPRINT,)
+    np.testing.assert_array_equal(got.logits, batch.logits)
+
+
+def test_the_sampler_gives_no_logits_across_different_ensembles(tmp_path):
+    store = SyntheticStore(tmp_path)
+    single, pair = make_batch("single", n=4, size=16), ensemble_batch(n=4, members=2, views=("identity",))
+    pair.batch_id = "pair"
+    store.put(single)
+    store.put(pair)
+    assert FreshFirstSampler(store, batch_size=8).sample().logits is None

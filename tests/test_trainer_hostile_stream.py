@@ -36,7 +36,7 @@ def digits_batch(card, batch_id: str, *, channels: int = 1, labels=None, logits:
     return WireBatch(batch_id=batch_id, sequence=seed, producer_id="hostile", teacher_fingerprint=card.fingerprint,
                      mean=(card.mean[0],) * channels, std=(card.std[0],) * channels, labels=labels,
                      images=rng.integers(0, 256, (16, channels, 16, 16), dtype=np.uint8),
-                     logits=rng.standard_normal((16, 10)).astype(np.float16) if logits else None,
+                     logits=rng.standard_normal((1, 1, 16, 10)).astype(np.float16) if logits else None,
                      synthesis=SynthesisRecord(seed=seed))
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from shared.errors import WireFormatError
-from shared.wire import (HEADER_FIELD, PAYLOAD_FIELD, SCHEMA_VERSION, BatchCodec, EntryFields, SynthesisRecord,
-                         WireBatch, decode_header)
+from shared.wire import (HEADER_FIELD, LOGIT_VIEWS, PAYLOAD_FIELD, SCHEMA_VERSION, BatchCodec, EntryFields,
+                         SynthesisRecord, WireBatch, decode_header)
 
 FINGERPRINT = "ab" * 32
 codec = BatchCodec()
@@ -19,7 +19,7 @@ def make_batch(batch_id: str = "b-0", *, n: int = 4, c: int = 3, size: int = 8, 
                seed: int = 0, producer_id: str = "p-0", sequence: int = 0) -> WireBatch:
     """A batch with random content, so any byte out of place shows up in the comparison."""
     rng = np.random.default_rng(seed)
-    logits = None if classes is None else rng.standard_normal((n, classes)).astype(np.float16)
+    logits = None if classes is None else rng.standard_normal((1, 1, n, classes)).astype(np.float16)
     return WireBatch(batch_id=batch_id, sequence=sequence, producer_id=producer_id, teacher_fingerprint=FINGERPRINT,
                      mean=(0.5,) * c, std=(0.25,) * c, labels=rng.integers(0, 10, n).tolist(),
                      images=rng.integers(0, 256, (n, c, size, size), dtype=np.uint8), logits=logits,
@@ -37,7 +37,7 @@ def assert_same_batch(got: WireBatch, want: WireBatch) -> None:
         assert got.logits.dtype == np.float16
         np.testing.assert_array_equal(got.logits, want.logits)
     for name in ("batch_id", "sequence", "producer_id", "teacher_fingerprint", "labels", "synthesis", "stats",
-                 "created_at"):
+                 "created_at") + (("logit_members", "logit_views") if want.logits is not None else ()):
         assert getattr(got, name) == getattr(want, name), name
     assert tuple(got.mean) == tuple(want.mean) and tuple(got.std) == tuple(want.std)
 
@@ -55,7 +55,7 @@ def test_round_trip(classes):
     assert len(entries) == 1 and set(entries[0]) == {HEADER_FIELD, PAYLOAD_FIELD}
     header = decode_header(entries[0])
     assert header.version == SCHEMA_VERSION and header.shape == (4, 3, 8, 8) and header.chunk_count == 1
-    assert header.logits_shape == (None if classes is None else (4, 10))
+    assert header.logits_shape == (None if classes is None else (1, 1, 4, 10))
     decoded = codec.decode(entries)
     assert_same_batch(decoded, batch)
     decoded.images[0, 0, 0, 0] ^= 1  # writable: ready for torch.from_numpy without a copy
@@ -101,7 +101,11 @@ def test_unknown_version_is_rejected():
 @pytest.mark.parametrize("changes, message", [
     ({"shape": [4, 3, 8, 9]}, "payload_bytes 848 != 944"),         # shape disagrees with the payload size
     ({"labels": [1, 2, 3]}, "3 labels for 4 images"),
-    ({"logits_shape": [3, 10]}, "one row per image"),
+    ({"logits": {"members": [FINGERPRINT], "views": ["hflip", "identity"], "classes": 10}}, "in the order"),
+    ({"logits": {"members": ["cd" * 32], "views": ["identity"], "classes": 10}}, "must be the primary teacher"),
+    ({"logits": {"members": [FINGERPRINT, FINGERPRINT], "views": ["identity"], "classes": 5}}, "listed twice"),
+    ({"logits": {"members": [FINGERPRINT], "views": ["rotate"], "classes": 10}}, "views"),
+    ({"version": 1, "logits": None, "logits_shape": [3, 10], "logits_dtype": "float16"}, "one row per image"),
     ({"mean": [0.5]}, "mean/std have 1/3 values for 3 channels"),
     ({"shape": [4, 5, 8, 8]}, "less than or equal to 4"),            # C outside 1..4
     ({"dtype": "float32"}, "dtype"),
@@ -112,6 +116,52 @@ def test_inconsistent_header_is_rejected(changes, message):
     fields = edit_header(codec.encode(make_batch(), 1 << 20)[0], **changes)
     with pytest.raises(WireFormatError, match=message):
         codec.decode([fields])
+
+
+def ensemble_batch(n: int = 6, members: int = 2, views: tuple[str, ...] = LOGIT_VIEWS) -> WireBatch:
+    batch = make_batch(n=n, size=16, classes=None)
+    rng = np.random.default_rng(1)
+    batch.logits = rng.standard_normal((members, len(views), n, 10)).astype(np.float16)
+    batch.logit_members = (FINGERPRINT,) + tuple(f"{i:02x}" * 32 for i in range(1, members))
+    batch.logit_views = views
+    return batch
+
+
+def test_ensemble_logits_survive_chunking():
+    """Every member's block for every view, through entries of ~300 payload bytes in any order."""
+    batch = ensemble_batch()
+    header_bytes = len(codec.encode(batch, 1 << 20)[0][HEADER_FIELD])
+    entries = codec.encode(batch, max_entry_bytes=header_bytes + 300)
+    assert len(entries) >= (6 * 3 * 16 * 16 + 2 * 2 * 6 * 10 * 2) // 300
+    header = decode_header(entries[0])
+    assert header.logits.members == list(batch.logit_members) and header.logits_shape == (2, 2, 6, 10)
+    random.Random(1).shuffle(entries)
+    got = codec.decode(entries)
+    assert_same_batch(got, batch)
+    np.testing.assert_array_equal(got.primary_logits(), batch.logits[0, 0])
+
+
+def test_logits_that_do_not_fit_their_names_are_refused_when_encoding():
+    batch = ensemble_batch()
+    batch.logit_members = batch.logit_members[:1]  # two blocks of logits, one member named
+    with pytest.raises(WireFormatError, match=r"1 member\(s\), 2 view\(s\) and 6 images need \[1, 2, 6\]"):
+        codec.encode(batch, 1 << 20)
+    batch = ensemble_batch()
+    batch.logits = batch.logits[0, 0]  # [N, K], the old layout
+    with pytest.raises(WireFormatError, match=r"float16 \[M, V, N, K\]"):
+        codec.encode(batch, 1 << 20)
+
+
+def test_a_version_1_entry_still_decodes():
+    """Stores and streams written before ensembles: one [N, K] block, the teacher's on the image as stored."""
+    batch = make_batch()
+    fields = codec.encode(batch, 1 << 20)[0]
+    header = json.loads(fields[HEADER_FIELD])
+    header.pop("logits")
+    header.update(version=1, logits_shape=[4, 10], logits_dtype="float16")
+    got = codec.decode([{HEADER_FIELD: json.dumps(header).encode(), PAYLOAD_FIELD: fields[PAYLOAD_FIELD]}])
+    assert got.logit_members == (FINGERPRINT,) and got.logit_views == ("identity",)
+    np.testing.assert_array_equal(got.logits, batch.logits)
 
 
 def test_payload_length_must_match_the_header():

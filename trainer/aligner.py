@@ -43,23 +43,38 @@ def _check_stages(teacher: nn.Module, stages: list[int]) -> list[nn.Module]:
     return modules
 
 
-def teacher_stage_outputs(teacher: nn.Module, x: torch.Tensor, stages: list[int],
-                          ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """One teacher forward: ({stage: (B, C, H, W) map}, logits). The caller wraps it in torch.no_grad()."""
+class _StopForward(Exception):
+    """Raised by a hook once the last stage needed is recorded: the rest of the teacher is not run."""
+
+
+def teacher_stage_outputs(teacher: nn.Module, x: torch.Tensor, stages: list[int], logits: bool = True,
+                          ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """One teacher forward: ({stage: (B, C, H, W) map}, logits). The caller wraps it in torch.no_grad().
+
+    Without `logits` (they come from elsewhere, e.g. shipped with the batch) the forward stops after the last stage
+    in `stages`, and None is returned for them."""
     modules = _check_stages(teacher, stages)
     maps: dict[int, torch.Tensor] = {}
     versions: dict[int, int] = {}
+    last = max(stages, default=0)
 
     def keep(stage: int):
         def hook(module: nn.Module, args, output: torch.Tensor) -> None:
             maps[stage] = output
             if not output.is_inference():
                 versions[stage] = output._version
+            if not logits and stage == last:
+                raise _StopForward
         return hook
 
+    if not logits and not stages:
+        return maps, None
     handles = [modules[s - 1].register_forward_hook(keep(s)) for s in set(stages)]
+    out = None
     try:
-        logits = teacher(x)
+        out = teacher(x)
+    except _StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
@@ -68,7 +83,7 @@ def teacher_stage_outputs(teacher: nn.Module, x: torch.Tensor, stages: list[int]
     changed = [s for s, v in versions.items() if maps[s]._version != v]
     if changed:
         raise RuntimeError(f"teacher stages {changed} were modified in place after they were recorded")
-    return maps, logits
+    return maps, out
 
 
 def stage_channels(teacher: nn.Module, stages: list[int], in_chans: int, image_size: int) -> dict[int, int]:

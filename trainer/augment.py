@@ -1,4 +1,5 @@
-"""Augmenting uint8 batches on the training device: random crop (+ flip), then the teacher's normalisation."""
+"""Augmenting uint8 batches on the training device: random crop (+ flip), then the teacher's normalisation; or, for
+images whose teacher logits were shipped, only the views those logits are for."""
 from __future__ import annotations
 
 import torch
@@ -47,3 +48,14 @@ class Augment:
         if self.flip:
             x = torch.where(draws[-1].bool()[:, None, None, None], x.flip(3), x)
         return (x - self.mean) / self.std
+
+    def views(self, images: torch.Tensor, gen: torch.Generator, views: tuple[str, ...],
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image in one of `views` ("identity", "hflip"), drawn uniformly: no crop, so shipped logits for that
+        view are exact. Returns the normalised images and, per image, the index into `views` drawn."""
+        n = images.shape[0]
+        pick = torch.randint(0, len(views), (n,), generator=gen) if len(views) > 1 else torch.zeros(n, dtype=torch.long)
+        flipped = torch.tensor([v == "hflip" for v in views])[pick]
+        x = to_device(images, self.device).float() / 255.0
+        x = torch.where(to_device(flipped, self.device)[:, None, None, None], x.flip(3), x)
+        return (x - self.mean) / self.std, pick

@@ -8,8 +8,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from shared.config import DearKDConfig, StudentConfig, TrainConfig
+from shared.ensemble import Ensemble
 from trainer.aligner import aligner_key, build_aligners, feature_loss, normalize_teacher_map, teacher_stage_outputs
-from trainer.losses import stage1_loss, stage2_loss
+from trainer.losses import ensemble_target, stage1_loss, stage2_loss
 from trainer.schedule import stage1_steps, stage_at, student_lr
 from shared.models.dearkd_student import block_outputs, create_student
 
@@ -57,7 +58,11 @@ class StudentAndAligners(nn.Module):
 
 class DearKDTrainer:
     def __init__(self, student_cfg: StudentConfig, dearkd: DearKDConfig, train: TrainConfig,
-                 teacher: nn.Module | None, device: torch.device | str = "cpu", distributed: bool = False):
+                 teacher: nn.Module | None, device: torch.device | str = "cpu", distributed: bool = False,
+                 ensemble: Ensemble | None = None):
+        """`ensemble` (its member 0 is `teacher`): the further teachers whose logits are distilled with the
+        teacher's, through one distillation token (their averaged soft targets). Stage 1 takes their logits from
+        `train_step(teacher_logits=...)` when given, and runs them on the batch otherwise."""
         self.device = torch.device(device)
         self.student_cfg, self.dearkd, self.train_cfg = student_cfg, dearkd, train
         self.grid = (student_cfg.img_size // student_cfg.patch_size,) * 2
@@ -73,6 +78,8 @@ class DearKDTrainer:
         self.teacher_calls = 0  # counted from here on: the aligners' dry run above is not training
         if self.teacher is not None:
             self.teacher.register_forward_pre_hook(self._count_teacher_call)
+        self.online_logit_rows = 0  # images whose logits a teacher forward here computed (not shipped ones)
+        self.members = self._member_inputs(ensemble) if ensemble is not None else []
         self.model = StudentAndAligners(self.student, self.aligners, self.pairs)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, train.weight_decay), lr=train.lr)
         self.step = 0
@@ -86,6 +93,35 @@ class DearKDTrainer:
 
     def _count_teacher_call(self, module: nn.Module, args: Any) -> None:
         self.teacher_calls += 1
+
+    def _member_inputs(self, ensemble: Ensemble) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+        """(model, scale, shift) of each further member: x in the teacher's normalisation, times scale plus shift,
+        is the same pixels in the member's."""
+        if self.teacher is None or ensemble.members[0].model is not self.teacher:
+            raise ValueError("the ensemble's member 0 must be the trainer's teacher")
+        first = ensemble.members[0].card
+        out = []
+        for member in ensemble.members[1:]:
+            c = member.card
+            mean_t, std_t = torch.tensor(first.mean), torch.tensor(first.std)
+            mean_m, std_m = torch.tensor(c.mean), torch.tensor(c.std)
+            scale, shift = (std_t / std_m).view(1, -1, 1, 1), ((mean_t - mean_m) / std_m).view(1, -1, 1, 1)
+            out.append((member.model.to(self.device).eval().requires_grad_(False), scale.to(self.device),
+                        shift.to(self.device)))
+        return out
+
+    @property
+    def ensemble_size(self) -> int:
+        return 1 + len(self.members)
+
+    @torch.no_grad()
+    def online_logits(self, x: torch.Tensor, primary: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, B, K] logits of every ensemble member on normalised `x` (`primary`: the teacher's, if known)."""
+        if primary is None:
+            primary = self.teacher(x)
+        rows = [primary.float()] + [model(x * scale + shift).float() for model, scale, shift in self.members]
+        self.online_logit_rows += len(x)
+        return torch.stack(rows)
 
     @property
     def stage(self) -> int:
@@ -108,9 +144,14 @@ class DearKDTrainer:
             self._ddp_stage = stage
         return self._ddp
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int | torch.Tensor]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None,
+                   online_rows: torch.Tensor | None = None) -> dict[str, int | torch.Tensor]:
         """One step on normalised images `x` and labels `y`; returns the stage and detached loss tensors (no host
-        sync: converting them is the caller's choice, and costs one)."""
+        sync: converting them is the caller's choice, and costs one).
+
+        `teacher_logits` [M, B, K]: every ensemble member's logits on exactly these views, computed elsewhere (the
+        service ships them); then no teacher runs for logits, except on `online_rows` (a bool mask of images that
+        came without them, such as real ones). Early features still need the teacher up to their last stage."""
         cfg = self.train_cfg
         stage = self.stage
         for group in self.optimizer.param_groups:
@@ -121,15 +162,15 @@ class DearKDTrainer:
         with self._autocast():
             if stage == 1:
                 with torch.no_grad():
-                    teacher_maps, teacher_logits = teacher_stage_outputs(self.teacher, x,
-                                                                         sorted({s for s, _ in self.pairs}))
+                    teacher_maps, teacher_logits = self._stage1_targets(x, teacher_logits, online_rows)
             cls_logits, dist_logits, aligned = forward(x, stage == 1)
         # Losses in fp32: softmax, KL and MSE over bf16 values would round the small terms away.
         cls_logits, dist_logits = cls_logits.float(), dist_logits.float()
         if stage == 1:
             feats = [feature_loss(a, normalize_teacher_map(teacher_maps[s].float(), self.grid))
                      for a, (s, _) in zip(aligned, self.pairs)]
-            loss, terms = stage1_loss(cls_logits, dist_logits, y, teacher_logits.float(), feats, self.dearkd)
+            target = ensemble_target(teacher_logits.float(), self.dearkd.temperature)
+            loss, terms = stage1_loss(cls_logits, dist_logits, y, target, feats, self.dearkd)
         else:
             loss, terms = stage2_loss(cls_logits, dist_logits, y, self.dearkd)
         self.optimizer.zero_grad(set_to_none=True)
@@ -139,6 +180,23 @@ class DearKDTrainer:
         self.optimizer.step()
         self.step += 1
         return {"loss": loss.detach(), "stage": stage, **terms}
+
+    def _stage1_targets(self, x: torch.Tensor, stored: torch.Tensor | None, online_rows: torch.Tensor | None,
+                        ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Teacher maps and [M, B, K] logits: shipped logits where given, a teacher forward where not."""
+        stages = sorted({s for s, _ in self.pairs})
+        if stored is None:
+            maps, primary = teacher_stage_outputs(self.teacher, x, stages)
+            return maps, self.online_logits(x, primary)
+        if stored.shape[:2] != (self.ensemble_size, len(x)):
+            raise ValueError(f"teacher_logits are {list(stored.shape)}; expected [{self.ensemble_size}, {len(x)}, K] "
+                             "(ensemble members, images, classes)")
+        maps, _ = teacher_stage_outputs(self.teacher, x, stages, logits=False)
+        logits = stored.to(self.device, non_blocking=True).float()
+        if online_rows is not None and bool(online_rows.any()):
+            logits = logits.clone()
+            logits[:, online_rows] = self.online_logits(x[online_rows])
+        return maps, logits
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

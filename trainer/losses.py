@@ -30,6 +30,16 @@ def distillation_token_loss(dist_logits: torch.Tensor, teacher_logits: torch.Ten
     raise ValueError(f"unknown KD kind {kind!r}: 'hard' or 'soft'")
 
 
+def ensemble_target(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[M, B, K] member logits -> [B, K] logits whose softmax at T is the members' averaged softmax at T, so one
+    distillation token learns the ensemble's averaged soft targets (hard KD: the argmax of that average).
+    One member is returned as it is."""
+    if logits.shape[0] == 1:
+        return logits[0]
+    probs = F.softmax(logits / temperature, dim=-1).mean(dim=0)
+    return temperature * probs.clamp_min(1e-12).log()
+
+
 def stage1_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
                 teacher_logits: torch.Tensor, feature_terms: list[torch.Tensor],
                 cfg: DearKDConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -14,7 +14,7 @@ import torch
 from trainer.augment import to_device
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-SyntheticSampleFn = Callable[[int], Batch]
+SyntheticSampleFn = Callable[[int], Union[Batch, tuple[torch.Tensor, torch.Tensor, Union[torch.Tensor, None]]]]
 RealSource = Union[Iterator[Batch], Iterable[Batch], Callable[[], Iterator[Batch]]]
 
 SYNTHETIC, REAL = 0, 1
@@ -24,6 +24,7 @@ class MixedBatch(NamedTuple):
     images: torch.Tensor  # (B, C, H, W) float, normalised
     labels: torch.Tensor  # (B,) int64
     source: torch.Tensor  # (B,) int64: SYNTHETIC (0) or REAL (1), on the images' device
+    teacher_logits: torch.Tensor | None = None  # (M, B, K) shipped with the synthetic images (real rows: zeros)
 
 
 class MixInSampler:
@@ -32,7 +33,8 @@ class MixInSampler:
     `real` is an iterator of `(images, labels)` batches of any size, or a zero-argument factory for one (called
     on first use, so a run that mixes in nothing never starts DALI). Real images are moved to the synthetic
     images' device. With `shuffle`, a seeded permutation interleaves the two sources, so a slice of the batch
-    (a micro-batch) also holds both.
+    (a micro-batch) also holds both. The synthetic source may return `(images, labels, logits)`, logits
+    (M, n, K) or None: they ride along, zero-filled for the real rows.
     """
 
     def __init__(self, real: RealSource | None, synthetic_sample_fn: SyntheticSampleFn | None,
@@ -66,8 +68,10 @@ class MixInSampler:
         n_real = self.real_count(self.step)
         n_syn = self.batch_size - n_real
         parts: list[Batch] = []
+        logits = None
         if n_syn:
-            parts.append(self._take_synthetic(n_syn))
+            images, labels, logits = self._take_synthetic(n_syn)
+            parts.append((images, labels))
         if n_real:
             parts.append(self._take_real(n_real))
         if len(parts) == 2 and parts[0][0].shape[1:] != parts[1][0].shape[1:]:
@@ -79,20 +83,28 @@ class MixInSampler:
         labels = torch.cat([to_device(y, device).long() for _, y in parts])
         source = torch.cat([torch.full((n_syn,), SYNTHETIC, dtype=torch.long, device=device),
                             torch.full((n_real,), REAL, dtype=torch.long, device=device)])
+        if logits is not None:
+            logits = to_device(logits, device).float()
+            if n_real:
+                logits = torch.cat([logits, logits.new_zeros(logits.shape[0], n_real, logits.shape[2])], dim=1)
         if self.shuffle:
             perm = to_device(torch.randperm(self.batch_size, generator=self._gen), device)
             images, labels, source = images[perm], labels[perm], source[perm]
+            logits = logits[:, perm] if logits is not None else None
         self.step += 1
         self.real_seen += n_real
         self.synthetic_seen += n_syn
-        return MixedBatch(images, labels, source)
+        return MixedBatch(images, labels, source, logits)
 
-    def _take_synthetic(self, n: int) -> Batch:
-        images, labels = self._synthetic(n)
+    def _take_synthetic(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        images, labels, *rest = self._synthetic(n)
+        logits = rest[0] if rest else None
         if images.shape[0] != n or labels.shape != (n,):
             raise ValueError(f"synthetic_sample_fn({n}) returned images {tuple(images.shape)} and labels "
                              f"{tuple(labels.shape)}; expected {n} images and labels of shape ({n},)")
-        return images, labels
+        if logits is not None and (logits.ndim != 3 or logits.shape[1] != n):
+            raise ValueError(f"synthetic_sample_fn({n}) returned logits {tuple(logits.shape)}; expected (M, {n}, K)")
+        return images, labels, logits
 
     def _take_real(self, n: int) -> Batch:
         have = sum(len(y) for _, y in self._buffer)

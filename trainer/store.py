@@ -1,7 +1,8 @@
 """The trainer's durable, append-only store of synthetic batches: one npz per batch, readable without us.
 
 Layout under `root`:
-  batches/{batch_id}.npz  arrays `images` (uint8 NCHW), `labels` (int64), optional `teacher_logits` (float16 [N, K]),
+  batches/{batch_id}.npz  arrays `images` (uint8 NCHW), `labels` (int64), optional `teacher_logits` (float16
+                          [M, V, N, K]: ensemble members x views, as on the wire; [N, K] in stores written before),
                           `meta` (0-d unicode: the batch's wire header as JSON) and `position` (0-d int64: arrival
                           order). `np.load(path, allow_pickle=False)` reads it; nothing in it is pickled.
   index.jsonl             one line per batch in arrival order: a cache for fast opening. The npz files are the truth:
@@ -31,7 +32,7 @@ import numpy as np
 
 from shared.atomic_file import TMP_SUFFIX, atomic_write, fsync_dir, temp_writer_pid  # noqa: F401 (re-exported)
 from shared.batch_contract import BatchContract
-from shared.wire import SAFE_ID, BatchCodec, BatchHeader, SynthesisRecord, WireBatch
+from shared.wire import SAFE_ID, BatchCodec, BatchHeader, SynthesisRecord, WireBatch, logit_names
 
 _SAFE_ID = re.compile(SAFE_ID)
 
@@ -43,9 +44,11 @@ class StoredBatch:
     batch_id: str
     images: np.ndarray            # uint8 [N, C, H, W]
     labels: np.ndarray            # int64 [N]
-    logits: np.ndarray | None     # float16 [N, K] (the teacher's), if shipped
+    logits: np.ndarray | None     # float16 [M, V, N, K] (ensemble members x views), if shipped
     header: dict[str, Any]        # the wire header it arrived with (fingerprint, synthesis params, stats, ...)
     position: int                 # arrival order in this store
+    logit_members: tuple[str, ...] = ()
+    logit_views: tuple[str, ...] = ()
 
     def to_wire(self) -> WireBatch:
         h = self.header
@@ -53,6 +56,8 @@ class StoredBatch:
                          teacher_fingerprint=h["teacher_fingerprint"], mean=tuple(h["mean"]), std=tuple(h["std"]),
                          labels=self.labels.tolist(), images=self.images,
                          synthesis=SynthesisRecord.model_validate(h["synthesis"]), logits=self.logits,
+                         **({"logit_members": self.logit_members, "logit_views": self.logit_views}
+                            if self.logits is not None else {}),
                          stats=h.get("stats", {}), created_at=h["created_at"])
 
 
@@ -335,8 +340,11 @@ class SyntheticStore:
 class Sample(NamedTuple):
     images: np.ndarray          # uint8 [B, C, H, W]
     labels: np.ndarray          # int64 [B]
-    logits: np.ndarray | None   # float16 [B, K]; None unless every image drawn has teacher logits
+    logits: np.ndarray | None   # float16 [M, V, B, K]; None unless every image drawn has logits of the same
+                                # members and views
     n_fresh: int                # how many of the B images had never been sampled before
+    logit_members: tuple[str, ...] = ()
+    logit_views: tuple[str, ...] = ()
 
 
 class FreshFirstSampler:
@@ -403,10 +411,12 @@ class FreshFirstSampler:
             raise ValueError(f"the store mixes image shapes {sorted(shapes)}: one sampler batch cannot hold them")
         images = np.concatenate([b.images[i] for b, i in batches])
         labels = np.concatenate([b.labels[i] for b, i in batches])
-        logits = None
-        if all(b.logits is not None for b, _ in batches):
-            logits = np.concatenate([b.logits[i] for b, i in batches])  # type: ignore[index]
-        return Sample(images, labels, logits, n_fresh)
+        names = {(b.logit_members, b.logit_views) for b, _ in batches}
+        if len(names) == 1 and all(b.logits is not None for b, _ in batches):
+            logits = np.concatenate([b.logits[:, :, i] for b, i in batches], axis=2)  # type: ignore[index]
+            members, views = names.pop()
+            return Sample(images, labels, logits, n_fresh, members, views)
+        return Sample(images, labels, None, n_fresh)
 
     def _load(self, batch_id: str) -> StoredBatch:
         # Stored files never change, so a small LRU cache is always valid.
@@ -465,7 +475,7 @@ def inspect_batch(path: Path | str) -> BatchSummary:
     with np.load(path, allow_pickle=False) as z:
         header = BatchHeader.model_validate_json(z["meta"].item())
         labels = z["labels"]
-        logits = z["teacher_logits"] if "teacher_logits" in z.files else None
+        logits = _stored_logits(z)
     with zipfile.ZipFile(path) as archive, archive.open("images.npy") as f:
         version = np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -476,10 +486,19 @@ def inspect_batch(path: Path | str) -> BatchSummary:
 def read_batch(path: Path | str) -> StoredBatch:
     """One stored npz, without a SyntheticStore (e.g. another tool reading a copied store)."""
     with np.load(path, allow_pickle=False) as z:
-        header = json.loads(z["meta"].item())
-        logits = z["teacher_logits"] if "teacher_logits" in z.files else None
-        return StoredBatch(batch_id=header["batch_id"], images=z["images"], labels=z["labels"], logits=logits,
-                           header=header, position=int(z["position"]))
+        meta = z["meta"].item()
+        header = json.loads(meta)
+        return StoredBatch(batch_id=header["batch_id"], images=z["images"], labels=z["labels"],
+                           logits=_stored_logits(z), header=header, position=int(z["position"]),
+                           **logit_names(BatchHeader.model_validate_json(meta)))
+
+
+def _stored_logits(z) -> np.ndarray | None:
+    """[M, V, N, K]; a store written before ensembles holds the teacher's [N, K], which is [1, 1, N, K]."""
+    if "teacher_logits" not in z.files:
+        return None
+    logits = z["teacher_logits"]
+    return logits[None, None] if logits.ndim == 2 else logits
 
 
 def _hwc(image: np.ndarray, batch_id: str) -> np.ndarray:

@@ -10,6 +10,7 @@ import torch
 
 from shared.batch_contract import BatchContract
 from shared.config import Settings, resolve_device
+from shared.ensemble import Ensemble
 from shared.stream import connect_redis
 from shared.teacher import Teacher
 from shared.weights import save_weights
@@ -18,7 +19,7 @@ from trainer.consumer import StreamConsumer
 from trainer.distributed import DistributedContext
 from trainer.engine import DearKDTrainer
 from trainer.metrics import TrainerMetrics
-from trainer.mixing import MixInSampler
+from trainer.mixing import REAL, MixInSampler
 from trainer.schedule import stage_at
 from trainer.augment import Augment, to_device
 from trainer.store import FreshFirstSampler, SyntheticStore
@@ -57,11 +58,16 @@ class StreamFeeder:
 
 
 def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, augment: Augment, metrics: TrainerMetrics,
-                      log: Callable[[str], None], seed: int):
-    """`sample(n)`: n images from the store, augmented and normalised on `augment.device`, with their labels."""
-    gen = torch.Generator().manual_seed(seed)
+                      log: Callable[[str], None], seed: int, stored_logits: tuple[str, ...] | None = None):
+    """`sample(n)`: n images from the store, augmented and normalised on `augment.device`, with their labels.
 
-    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    With `stored_logits` (the ensemble's fingerprints) it also gives the logits shipped with the images, [M, n, K],
+    for the views drawn (original or flipped, no crop). Images stored without those logits are cropped as usual
+    and come with None: the trainer then runs the teachers on them."""
+    gen = torch.Generator().manual_seed(seed)
+    fallbacks = [0]
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         started = time.monotonic()
         polls = 0
         while len(store) == 0:  # starved: nothing synthesized yet
@@ -72,11 +78,27 @@ def _synthetic_source(store: SyntheticStore, sampler: FreshFirstSampler, augment
         metrics.starve(time.monotonic() - started if polls else 0.0)
         # Take only the n used: a full batch would move the fresh cursor past images never trained on.
         s = sampler.sample(n)
+        labels = to_device(torch.from_numpy(s.labels).long(), augment.device)
+        if stored_logits is not None:
+            views = _usable_views(s, stored_logits, augment.flip)
+            if views:
+                x, pick = augment.views(torch.from_numpy(s.images), gen, tuple(s.logit_views[v] for v in views))
+                logits = torch.from_numpy(s.logits)[:, torch.tensor(views)[pick], torch.arange(n)]
+                return x, labels, to_device(logits, augment.device).float()
+            fallbacks[0] += 1
+            if fallbacks[0] in (1, 10, 100, 1000):
+                log(f"{fallbacks[0]} sample(s) without the ensemble's stored logits: the teachers run on them")
         # On the host only the gather; the copy is pinned and asynchronous, the pixel work on the device.
-        x = augment(torch.from_numpy(s.images), gen)
-        return x, to_device(torch.from_numpy(s.labels).long(), augment.device)
+        return augment(torch.from_numpy(s.images), gen), labels, None
 
     return sample
+
+
+def _usable_views(s, members: tuple[str, ...], flip: bool) -> list[int]:
+    """Indices into `s.logit_views` of the views a sample can be trained on with its stored logits."""
+    if s.logits is None or s.logit_members != members:
+        return []
+    return [i for i, v in enumerate(s.logit_views) if v == "identity" or (flip and v == "hflip")]
 
 
 def _rank_log(log: Callable[[str], None], rank: int) -> Callable[[str], None]:
@@ -105,6 +127,8 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
            log: Callable[[str], None], ctx: DistributedContext, device: torch.device) -> dict:
     cfg, card = settings.train, teacher.card
     student = settings.student.for_teacher(card)  # first: a student that cannot take the teacher's images is an error
+    ensemble = Ensemble.load(teacher, settings.ensemble)
+    stored = cfg.teacher_logits == "stored" or (cfg.teacher_logits == "auto" and bool(settings.ensemble))
     if not ctx.is_main:
         log = _rank_log(log, ctx.rank)
     out = ctx.rank_dir(cfg.out_dir)
@@ -112,7 +136,9 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
     seed = settings.seed + ctx.rank  # ranks draw different augmentations and replay orders
     metrics = TrainerMetrics(port=cfg.metrics_port if ctx.is_main else None)
     # One contract for the stream and the store: only batches this teacher's student can train on get in.
-    contract = BatchContract.from_stream(settings.stream, card)
+    # A trainer that distils an ensemble (or stored logits) refuses batches carrying another ensemble's logits.
+    contract = BatchContract.from_stream(settings.stream, card,
+                                         ensemble.fingerprints if stored or settings.ensemble else None)
     store = SyntheticStore(ctx.rank_dir(cfg.store_dir), contract)
     for batch_id, reason in store.quarantined:
         log(f"store: batch {batch_id!r} quarantined to {store.quarantine_dir}: {reason}")
@@ -138,12 +164,13 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
                                flip=cfg.flip)
 
     synthetic = (_synthetic_source(store, sampler, Augment(card.mean, card.std, cfg.crop_padding, cfg.flip, device),
-                                   metrics, log, seed) if cfg.real_fraction < 1 else None)
+                                   metrics, log, seed, ensemble.fingerprints if stored else None)
+                 if cfg.real_fraction < 1 else None)
     mix = MixInSampler(real_reader if cfg.real_fraction > 0 else None, synthetic, cfg.real_fraction, cfg.batch_size,
                        seed=seed)
-    trainer = DearKDTrainer(student, settings.dearkd, cfg,
-                            teacher.model if settings.dearkd.stage1_fraction > 0 else None, device,
-                            distributed=ctx.enabled)
+    distils = settings.dearkd.stage1_fraction > 0
+    trainer = DearKDTrainer(student, settings.dearkd, cfg, teacher.model if distils else None, device,
+                            distributed=ctx.enabled, ensemble=ensemble if distils else None)
 
     checkpoint = find_checkpoint(out)
     if checkpoint is not None:
@@ -176,7 +203,8 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
     try:
         while trainer.step < cfg.steps:
             batch = next(mix)
-            terms = trainer.train_step(batch.images, batch.labels)
+            online = (batch.source == REAL) if batch.teacher_logits is not None else None
+            terms = trainer.train_step(batch.images, batch.labels, batch.teacher_logits, online)
             window_images += len(batch.labels)
             metrics.step(terms, len(batch.labels), store)
             if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
@@ -216,4 +244,5 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
     return {"step": trainer.step, "eval_top1": evaluation.get("top1"),
             "eval_images": len(eval_set[1]) if eval_set is not None else None, "seconds": time.perf_counter() - started,
             "real_seen": mix.real_seen, "synthetic_seen": mix.synthetic_seen, "teacher_calls": trainer.teacher_calls,
+            "online_logit_rows": trainer.online_logit_rows, "ensemble": ensemble.names,
             "out": str(cfg.out_dir), "rank": ctx.rank, "world_size": ctx.world_size}

@@ -1,0 +1,125 @@
+"""LIB-KD on digits: the same DearKD ViT distilled data-free from the conv teacher alone, the involution teacher
+alone, and the conv + involution ensemble (averaged soft targets through the one distillation token), all on one
+synthetic pool that the conv teacher inverts. Logits are computed once per image and view, as the service ships them
+(`stored`), or by the teachers on every augmented view (`online`). The last line printed is one JSON object with the
+held-out real top-1 of every variant and seed.
+
+    python bench/ensemble_kd.py                      # 4 variants x 2 seeds on the digits preset (about 20 min)
+    python bench/ensemble_kd.py --variants conv,ensemble --seeds 1 --steps 300
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in-memory image pool the tests use too
+
+from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
+from bench.synth_throughput import git_commit  # noqa: E402
+from image_pool import ImagePool  # noqa: E402
+from shared.config import Settings, TeacherRecipe  # noqa: E402
+from shared.data.digits import load_digits_split  # noqa: E402
+from shared.ensemble import Ensemble  # noqa: E402
+from shared.teacher import Teacher, load_teacher  # noqa: E402
+from shared.wire import LOGIT_VIEWS  # noqa: E402
+from synth_service.synthesizer import create_synthesizer  # noqa: E402
+from trainer.augment import Augment  # noqa: E402
+from trainer.engine import DearKDTrainer  # noqa: E402
+from trainer.teacher_train import train_teacher  # noqa: E402
+
+# name: (the teacher whose stages give the early features, the members whose logits are distilled, logits)
+VARIANTS = {
+    "conv": ("conv", ("conv",), "stored"),
+    "involution": ("involution", ("involution",), "stored"),
+    "ensemble": ("conv", ("conv", "involution"), "stored"),
+    "ensemble_online": ("conv", ("conv", "involution"), "online"),
+}
+
+
+def involution_teacher(s: Settings, ref: str | None) -> Teacher:
+    """The digits RedNet (`rednet_digits`), trained once and cached beside the other bench teachers."""
+    if ref is not None:
+        return bench_teacher(ref)
+    card = s.runs_dir / "teachers" / "digits_rednet_digits.json"
+    if not card.is_file():
+        train_teacher(TeacherRecipe(dataset="digits", arch="rednet_digits"), s.data, card.parent, name=card.stem,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    return load_teacher(card)
+
+
+def train_variant(s: Settings, teachers: dict[str, Teacher], name: str, pool, split, seed: int) -> dict:
+    features_from, members, logits_mode = VARIANTS[name]
+    primary = teachers[features_from]
+    ensemble = Ensemble([primary] + [teachers[m] for m in members if m != features_from])
+    ensemble.check()
+    card = primary.card
+    torch.manual_seed(seed)
+    trainer = DearKDTrainer(s.student.for_teacher(card), s.dearkd, s.train, primary.model, ensemble=ensemble)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    if logits_mode == "stored":
+        # Once per image and view, as the service does; the views drawn are those with logits (no crop).
+        views = LOGIT_VIEWS if s.train.flip else ("identity",)
+        stored = ensemble.logits(pool.images, views)
+        augment = Augment(card.mean, card.std, 0, s.train.flip)
+        logits_seconds = time.perf_counter() - t0
+        for _ in range(s.train.steps):
+            idx = torch.randint(0, len(pool.labels), (s.train.batch_size,), generator=gen)
+            x, pick = augment.views(pool.images[idx], gen, views)
+            trainer.train_step(x, pool.labels[idx], stored[:, pick, idx])
+    else:
+        logits_seconds = 0.0
+        batches = ImagePool(pool.images, pool.labels, card.mean, card.std, s.train.batch_size, s.train.crop_padding,
+                            flip=s.train.flip, seed=seed)
+        for _ in range(s.train.steps):
+            trainer.train_step(*next(batches))
+    seconds = time.perf_counter() - t0
+    mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
+    return {"seed": seed, "heldout_top1": round(trainer.evaluate((split.x_test - mean) / std, split.y_test), 4),
+            "seconds": round(seconds, 1), "logits_seconds": round(logits_seconds, 2),
+            "online_logit_rows": trainer.online_logit_rows, "members": ensemble.names}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", help=TEACHER_HELP)
+    p.add_argument("--involution", help="involution teacher card (default: rednet_digits, trained on first use)")
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--steps", type=int, help="student steps (default: the digits preset's)")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown or args.seeds < 1:
+        sys.exit(f"bench: unknown variant(s) {unknown} (known: {', '.join(VARIANTS)}), or --seeds below 1")
+    s = Settings.load("digits")
+    if args.steps:
+        s = s.model_copy(update={"train": s.train.model_copy(update={"steps": args.steps})})
+    teachers = {"conv": bench_teacher(args.teacher), "involution": involution_teacher(s, args.involution)}
+    started = time.perf_counter()
+    with create_synthesizer(teachers["conv"], s.synth) as engine:
+        pool = engine.synthesize_classes(list(range(teachers["conv"].card.num_classes)), args.per_class, seed=0)
+    split = load_digits_split(s.data.digits_size)
+    out = {"bench": "ensemble_kd", "teachers": {k: {"arch": t.card.arch, "test_top1": t.card.metrics.get("test_top1")}
+                                                for k, t in teachers.items()},
+           "synthetic_images": len(pool.labels), "synth_seconds": round(time.perf_counter() - started, 1),
+           "steps": s.train.steps, "batch": s.train.batch_size, "torch": torch.__version__, "commit": git_commit(),
+           "device": "cpu", "results": {}}
+    for name in args.variants.split(","):
+        runs = [train_variant(s, teachers, name, pool, split, seed) for seed in range(args.seeds)]
+        top1 = [r["heldout_top1"] for r in runs]
+        out["results"][name] = {"runs": runs, "mean_top1": round(statistics.mean(top1), 4)}
+        print(name, out["results"][name], file=sys.stderr, flush=True)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
