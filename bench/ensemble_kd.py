@@ -1,10 +1,10 @@
 """LIB-KD on digits: the same DearKD ViT distilled data-free from the conv teacher alone, the involution teacher
-alone, and the conv + involution ensemble (averaged soft targets through the one distillation token), all on one
-synthetic pool that the conv teacher inverts. Logits are computed once per image and view, as the service ships them
+alone, and the conv + involution ensemble (averaged soft targets through the one distillation token, or one token
+per teacher), all on one synthetic pool that the conv teacher inverts. Logits are computed once per image and view, as the service ships them
 (`stored`), or by the teachers on every augmented view (`online`). The last line printed is one JSON object with the
 held-out real top-1 of every variant and seed.
 
-    python bench/ensemble_kd.py                      # 4 variants x 2 seeds on the digits preset (about 20 min)
+    python bench/ensemble_kd.py                      # 5 variants x 2 seeds on the digits preset (about 30 min)
     python bench/ensemble_kd.py --variants conv,ensemble --seeds 1 --steps 300
 """
 from __future__ import annotations
@@ -34,12 +34,14 @@ from trainer.augment import Augment  # noqa: E402
 from trainer.engine import DearKDTrainer  # noqa: E402
 from trainer.teacher_train import train_teacher  # noqa: E402
 
-# name: (the teacher whose stages give the early features, the members whose logits are distilled, logits)
+# name: (the teacher whose stages give the early features, the members whose logits are distilled, logits,
+# dearkd.ensemble_tokens)
 VARIANTS = {
-    "conv": ("conv", ("conv",), "stored"),
-    "involution": ("involution", ("involution",), "stored"),
-    "ensemble": ("conv", ("conv", "involution"), "stored"),
-    "ensemble_online": ("conv", ("conv", "involution"), "online"),
+    "conv": ("conv", ("conv",), "stored", "average"),
+    "involution": ("involution", ("involution",), "stored", "average"),
+    "ensemble": ("conv", ("conv", "involution"), "stored", "average"),
+    "ensemble_per_teacher": ("conv", ("conv", "involution"), "stored", "per_teacher"),
+    "ensemble_online": ("conv", ("conv", "involution"), "online", "average"),
 }
 
 
@@ -55,7 +57,8 @@ def involution_teacher(s: Settings, ref: str | None) -> Teacher:
 
 
 def train_variant(s: Settings, teachers: dict[str, Teacher], name: str, pool, split, seed: int) -> dict:
-    features_from, members, logits_mode = VARIANTS[name]
+    features_from, members, logits_mode, tokens = VARIANTS[name]
+    s = s.model_copy(update={"dearkd": s.dearkd.model_copy(update={"ensemble_tokens": tokens})})
     primary = teachers[features_from]
     ensemble = Ensemble([primary] + [teachers[m] for m in members if m != features_from])
     ensemble.check()

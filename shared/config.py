@@ -307,6 +307,9 @@ class StudentConfig(BaseModel):
     mhca_blocks: int = Field(2, ge=0, description="the first K blocks use MHCA (0: plain DeiT)")
     mhca_dropout: float = Field(0.1, ge=0, lt=1, description="attention dropout in MHCA blocks")
     drop_path: float = Field(0.1, ge=0, lt=1)
+    dist_tokens: int = Field(1, ge=1, le=16, description="distillation tokens, each with its own head; the trainer "
+                                                          "makes one per ensemble member under "
+                                                          "dearkd.ensemble_tokens: per_teacher")
 
     @model_validator(mode="after")
     def _check(self) -> "StudentConfig":
@@ -353,6 +356,10 @@ class DearKDConfig(BaseModel):
         description="(teacher stage, student block) pairs, 1-based: the output of teacher stage s is matched to "
                     "the output of student block b")
     stage1_fraction: float = Field(0.8, ge=0, le=1, description="share of the steps spent in stage 1")
+    ensemble_tokens: Literal["average", "per_teacher"] = Field(
+        "average", description="with an `ensemble`: average = the members' averaged soft targets through the one "
+                               "distillation token; per_teacher = one distillation token per member, each learning "
+                               "its member's logits (Co-advise)")
 
 
 class TrainConfig(BaseModel):

@@ -76,7 +76,7 @@ def test_ensemble_kd_prints_its_json_line(digits_teacher, verifier_card, teacher
     """The LeNet verifier stands in for the involution teacher, which takes minutes to train."""
     res = subprocess.run([sys.executable, "bench/ensemble_kd.py", "--teacher", str(teacher_dir / "digits_cnn.json"),
                           "--involution", str(verifier_card), "--per-class", "2", "--steps", "2", "--seeds", "1",
-                          "--variants", "conv,ensemble,ensemble_online"],
+                          "--variants", "conv,ensemble,ensemble_per_teacher,ensemble_online"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])["results"]
@@ -84,6 +84,7 @@ def test_ensemble_kd_prints_its_json_line(digits_teacher, verifier_card, teacher
     assert out["ensemble"]["runs"][0]["members"] == ["digits_cnn", "digits_lenet"]
     assert out["ensemble"]["runs"][0]["online_logit_rows"] == 0 and out["ensemble_online"]["runs"][0][
         "online_logit_rows"] > 0
+    assert out["ensemble_per_teacher"]["runs"][0]["online_logit_rows"] == 0
 
 
 def test_dearkd_ablation_prints_its_json_line(digits_teacher, teacher_dir):

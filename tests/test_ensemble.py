@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from shared.config import DearKDConfig, StudentConfig, TrainConfig
 from shared.data.digits import load_digits_split
 from shared.data.splits import unit_to_uint8
@@ -15,7 +17,8 @@ from shared.teacher import Teacher
 from shared.wire import LOGIT_VIEWS, SynthesisRecord, WireBatch
 from trainer.augment import Augment
 from trainer.engine import DearKDTrainer
-from trainer.losses import ensemble_target
+from shared.models.dearkd_student import block_outputs, create_student
+from trainer.losses import distillation_token_loss, ensemble_target
 from trainer.metrics import TrainerMetrics
 from trainer.store import FreshFirstSampler, SyntheticStore
 from trainer.training import _synthetic_source
@@ -190,10 +193,11 @@ def test_a_bad_ensemble_stops_the_service_at_start(digits_settings, digits_teach
         stream_ensemble(settings, digits_teacher, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("tokens", ["average", "per_teacher"])
 def test_dfkd_train_distils_the_ensemble_without_running_it(digits_settings, digits_teacher, digits_verifier,
-                                                            verifier_card, digit_pixels, tmp_path):
+                                                            verifier_card, digit_pixels, tmp_path, tokens):
     """`run_training` with `ensemble` set (teacher_logits: auto -> stored) on a store of the ensemble's batches,
-    stopped and resumed: no member runs for logits in either run."""
+    stopped and resumed: no member runs for logits in either run; per_teacher gives the student two tokens."""
     from trainer.training import run_training
 
     pair = Ensemble([digits_teacher, digits_verifier])
@@ -211,9 +215,47 @@ def test_dfkd_train_distils_the_ensemble_without_running_it(digits_settings, dig
                                                          checkpoint_every=2, log_every=2, store_dir=tmp_path / "store",
                                                          out_dir=tmp_path / "out"))
     settings = digits_settings.model_copy(update={"ensemble": [verifier_card], "train": train,
-                                                  "student": TINY.model_copy(update={"in_chans": None})})
+                                                  "student": TINY.model_copy(update={"in_chans": None}),
+                                                  "dearkd": digits_settings.dearkd.model_copy(
+                                                      update={"ensemble_tokens": tokens})})
     first = run_training(settings.model_copy(update={"train": train.model_copy(update={"steps": 2})}),
                          digits_teacher, log=lambda m: None)
     assert first["step"] == 2 and first["online_logit_rows"] == 0 and first["ensemble"] == pair.names
     resumed = run_training(settings, digits_teacher, log=lambda m: None)
     assert resumed["step"] == 4 and resumed["online_logit_rows"] == 0
+    weights = load_file(tmp_path / "out" / "student.safetensors")
+    assert ("extra_dist_tokens" in weights) == (tokens == "per_teacher")
+
+
+def test_one_distillation_token_per_teacher(pair, digit_pixels, tmp_path):
+    """Co-advise: `per_teacher` builds a student with a token and head per member; each head distils its own
+    member's logits, and every head votes at evaluation."""
+    x, y, logits = stored_sample(pair, digit_pixels, tmp_path)(48)
+    dearkd = DearKDConfig(kd="soft", temperature=4.0, ensemble_tokens="per_teacher", beta=0.0)
+    torch.manual_seed(0)
+    no_dropout = TINY.model_copy(update={"drop_path": 0.0, "mhca_dropout": 0.0})  # train mode = eval mode
+    trainer = DearKDTrainer(no_dropout, dearkd, TrainConfig(steps=4), pair.members[0].model, ensemble=pair)
+    assert trainer.student_cfg.dist_tokens == 2 and trainer.student.num_prefix_tokens == 3
+
+    def forward():
+        with torch.no_grad():
+            return block_outputs(trainer.student.eval(), x, [])[1]
+
+    cls_logits, dist_logits = forward()
+    assert dist_logits.shape == (2, 48, 10)
+    want = sum(distillation_token_loss(dist_logits[m], logits[m], "soft", 4.0) for m in range(2)) / 2
+    assert float(trainer.train_step(x, y, logits)["kd"]) == pytest.approx(float(want), rel=1e-4)
+    probs = trainer.predict(x[:4])
+    cls_logits, dist_logits = forward()
+    heads = torch.cat((cls_logits[None, :4], dist_logits[:, :4])).softmax(-1).mean(0)
+    torch.testing.assert_close(probs, heads, rtol=1e-4, atol=1e-5)
+    trainer.step = 3  # stage 2: every head learns the labels
+    assert trainer.train_step(x, y)["stage"] == 2
+    # A student built for another token count is refused, and one token stays the default.
+    with pytest.raises(ValueError, match="dist_tokens is 3"):
+        DearKDTrainer(TINY.model_copy(update={"dist_tokens": 3}), dearkd, TrainConfig(steps=4),
+                      pair.members[0].model, ensemble=pair)
+    assert DearKDTrainer(TINY, DearKDConfig(), TrainConfig(steps=4), pair.members[0].model,
+                         ensemble=pair).student_cfg.dist_tokens == 1
+    model = create_student(TINY.model_copy(update={"dist_tokens": 2})).eval()
+    assert model(x[:3]).shape == (3, 10)

@@ -165,6 +165,7 @@ def build_aligners(teacher: nn.Module, student_cfg: StudentConfig, pairs: list[t
                          f"(1..{student_cfg.depth})")
     channels = stage_channels(teacher, sorted({s for s, _ in pairs}), teacher_in_chans, image_size)
     grid = (student_cfg.img_size // student_cfg.patch_size,) * 2
-    # 2 prefix tokens: the student is a distilled DeiT (cls + dist).
-    return nn.ModuleDict({aligner_key(s, b): FeatureAligner(student_cfg.embed_dim, channels[s], grid, 2)
+    # Prefix tokens: the student is a distilled DeiT (the class token, then its distillation tokens).
+    prefix = 1 + student_cfg.dist_tokens
+    return nn.ModuleDict({aligner_key(s, b): FeatureAligner(student_cfg.embed_dim, channels[s], grid, prefix)
                           for s, b in pairs})

@@ -29,6 +29,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def student_for_ensemble(student: StudentConfig, dearkd: DearKDConfig, members: int) -> StudentConfig:
+    """The student with one distillation token per ensemble member under `dearkd.ensemble_tokens: per_teacher`,
+    one otherwise."""
+    tokens = members if dearkd.ensemble_tokens == "per_teacher" else 1
+    if student.dist_tokens not in (1, tokens):
+        raise ValueError(f"student.dist_tokens is {student.dist_tokens}; with {members} teacher(s) and "
+                         f"dearkd.ensemble_tokens {dearkd.ensemble_tokens!r} the student has {tokens}")
+    return student.model_copy(update={"dist_tokens": tokens})
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `train.precision` on `device`; None: plain fp32."""
     if precision == "auto":
@@ -50,7 +60,7 @@ class StudentAndAligners(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(cls_logits, dist_logits, one aligned map per pair); stage 2 (`features` off) skips the aligners."""
         if not features:
-            cls_logits, dist_logits = self.student(x)
+            _, (cls_logits, dist_logits) = block_outputs(self.student, x, [])
             return cls_logits, dist_logits, []
         blocks, (cls_logits, dist_logits) = block_outputs(self.student, x, self.blocks)
         return cls_logits, dist_logits, [self.aligners[aligner_key(s, b)](blocks[b]) for s, b in self.pairs]
@@ -64,6 +74,7 @@ class DearKDTrainer:
         teacher's, through one distillation token (their averaged soft targets). Stage 1 takes their logits from
         `train_step(teacher_logits=...)` when given, and runs them on the batch otherwise."""
         self.device = torch.device(device)
+        student_cfg = student_for_ensemble(student_cfg, dearkd, len(ensemble.members) if ensemble else 1)
         self.student_cfg, self.dearkd, self.train_cfg = student_cfg, dearkd, train
         self.grid = (student_cfg.img_size // student_cfg.patch_size,) * 2
         self.student = create_student(student_cfg).to(self.device)
@@ -169,7 +180,8 @@ class DearKDTrainer:
         if stage == 1:
             feats = [feature_loss(a, normalize_teacher_map(teacher_maps[s].float(), self.grid))
                      for a, (s, _) in zip(aligned, self.pairs)]
-            target = ensemble_target(teacher_logits.float(), self.dearkd.temperature)
+            target = (teacher_logits.float() if dist_logits.ndim == 3
+                      else ensemble_target(teacher_logits.float(), self.dearkd.temperature))
             loss, terms = stage1_loss(cls_logits, dist_logits, y, target, feats, self.dearkd)
         else:
             loss, terms = stage2_loss(cls_logits, dist_logits, y, self.dearkd)
@@ -200,13 +212,15 @@ class DearKDTrainer:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Class probabilities: the average of the two heads' softmax."""
+        """Class probabilities: the average of every head's softmax (class token and distillation tokens)."""
         self.model.eval()
         out = []
         for i in range(0, len(x), batch_size):
             with self._autocast():
                 _, (cls_logits, dist_logits) = block_outputs(self.student, x[i:i + batch_size].to(self.device), [])
-            out.append(((cls_logits.float().softmax(1) + dist_logits.float().softmax(1)) / 2).cpu())
+            dist = dist_logits if dist_logits.ndim == 3 else dist_logits[None]
+            probs = torch.cat((cls_logits[None], dist)).float().softmax(-1).mean(0)
+            out.append(probs.cpu())
         return torch.cat(out)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> float:

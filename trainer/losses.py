@@ -43,9 +43,16 @@ def ensemble_target(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def stage1_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
                 teacher_logits: torch.Tensor, feature_terms: list[torch.Tensor],
                 cfg: DearKDConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(1-a)·CE_ls(cls, y) + a·KD(dist, T) + b·sum of the aligned early-feature MSEs."""
+    """(1-a)·CE_ls(cls, y) + a·KD(dist, T) + b·sum of the aligned early-feature MSEs.
+
+    Several distillation tokens ([T, B, K] dist logits) each distil their own teacher's logits ([T, B, K]); KD is
+    their mean."""
     ce = F.cross_entropy(cls_logits, labels, label_smoothing=cfg.label_smoothing)
-    kd = distillation_token_loss(dist_logits, teacher_logits, cfg.kd, cfg.temperature, cfg.soft_kd_reduction)
+    if dist_logits.ndim == 3:
+        kd = torch.stack([distillation_token_loss(d, t, cfg.kd, cfg.temperature, cfg.soft_kd_reduction)
+                          for d, t in zip(dist_logits, teacher_logits, strict=True)]).mean()
+    else:
+        kd = distillation_token_loss(dist_logits, teacher_logits, cfg.kd, cfg.temperature, cfg.soft_kd_reduction)
     feat = torch.stack(feature_terms).sum() if feature_terms else cls_logits.new_zeros(())
     total = (1 - cfg.alpha) * ce + cfg.alpha * kd + cfg.beta * feat
     return total, {"ce": ce.detach(), "kd": kd.detach(), "feature": feat.detach()}
@@ -53,7 +60,9 @@ def stage1_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: tor
 
 def stage2_loss(cls_logits: torch.Tensor, dist_logits: torch.Tensor, labels: torch.Tensor,
                 cfg: DearKDConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """No teacher: both heads learn the labels, ½·CE_ls(cls, y) + ½·CE_ls(dist, y)."""
+    """No teacher: both heads learn the labels, ½·CE_ls(cls, y) + ½·CE_ls(dist, y) (several distillation heads: the
+    mean of theirs)."""
     ce_cls = F.cross_entropy(cls_logits, labels, label_smoothing=cfg.label_smoothing)
-    ce_dist = F.cross_entropy(dist_logits, labels, label_smoothing=cfg.label_smoothing)
+    dist = dist_logits if dist_logits.ndim == 3 else dist_logits[None]
+    ce_dist = torch.stack([F.cross_entropy(d, labels, label_smoothing=cfg.label_smoothing) for d in dist]).mean()
     return 0.5 * ce_cls + 0.5 * ce_dist, {"ce": ce_cls.detach(), "ce_dist": ce_dist.detach()}

@@ -17,7 +17,7 @@ from shared.weights import save_weights
 from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.consumer import StreamConsumer
 from trainer.distributed import DistributedContext
-from trainer.engine import DearKDTrainer
+from trainer.engine import DearKDTrainer, student_for_ensemble
 from trainer.metrics import TrainerMetrics
 from trainer.mixing import REAL, MixInSampler
 from trainer.schedule import stage_at
@@ -128,6 +128,7 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
     cfg, card = settings.train, teacher.card
     student = settings.student.for_teacher(card)  # first: a student that cannot take the teacher's images is an error
     ensemble = Ensemble.load(teacher, settings.ensemble)
+    student = student_for_ensemble(student, settings.dearkd, len(ensemble.members))  # what the publisher sends too
     stored = cfg.teacher_logits == "stored" or (cfg.teacher_logits == "auto" and bool(settings.ensemble))
     if not ctx.is_main:
         log = _rank_log(log, ctx.rank)
