@@ -23,7 +23,7 @@ def store_pool(pool, card, store_dir, batch: int = 100) -> None:
         store.put(WireBatch(batch_id=f"pool-{i // batch}", sequence=i // batch, producer_id="test",
                             teacher_fingerprint=card.fingerprint, mean=card.mean, std=card.std,
                             labels=part.labels.tolist(), images=part.images.numpy(),
-                            logits=part.logits.half().numpy(), synthesis=SynthesisRecord(seed=part.seed)))
+                            logits=part.logits.half().numpy()[None, None], synthesis=SynthesisRecord(seed=part.seed)))
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def test_each_preset_trains_a_student_for_its_teacher(preset, tmp_path):
         batch_id="b-0", sequence=0, producer_id="test", teacher_fingerprint=card.fingerprint, mean=card.mean,
         std=card.std, labels=rng.integers(0, classes, 4).tolist(),
         images=rng.integers(0, 256, (4, channels, size, size), dtype=np.uint8),
-        logits=rng.standard_normal((4, classes)).astype(np.float16), synthesis=SynthesisRecord(seed=0)))
+        logits=rng.standard_normal((1, 1, 4, classes)).astype(np.float16), synthesis=SynthesisRecord(seed=0)))
     summary = run_training(settings, teacher, log=lambda message: None)
     assert summary["step"] == 2 and (tmp_path / "run" / "student.safetensors").is_file()
 

@@ -128,7 +128,9 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
     cfg, card = settings.train, teacher.card
     student = settings.student.for_teacher(card)  # first: a student that cannot take the teacher's images is an error
     ensemble = Ensemble.load(teacher, settings.ensemble)
-    student = student_for_ensemble(student, settings.dearkd, len(ensemble.members))  # what the publisher sends too
+    distils = settings.dearkd.stage1_fraction > 0
+    # What the publisher sends too: one distillation token per member under per_teacher.
+    student = student_for_ensemble(student, settings.dearkd, len(ensemble.members) if distils else 1)
     stored = cfg.teacher_logits == "stored" or (cfg.teacher_logits == "auto" and bool(settings.ensemble))
     if not ctx.is_main:
         log = _rank_log(log, ctx.rank)
@@ -169,7 +171,6 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
                  if cfg.real_fraction < 1 else None)
     mix = MixInSampler(real_reader if cfg.real_fraction > 0 else None, synthetic, cfg.real_fraction, cfg.batch_size,
                        seed=seed)
-    distils = settings.dearkd.stage1_fraction > 0
     trainer = DearKDTrainer(student, settings.dearkd, cfg, teacher.model if distils else None, device,
                             distributed=ctx.enabled, ensemble=ensemble if distils else None)
 
