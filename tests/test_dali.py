@@ -204,7 +204,8 @@ def test_real_fraction_one_is_real_only(digits_dir):
     sampler = MixInSampler(reader, None, real_fraction=1.0, batch_size=16)
     ref = (load_digits_split(16).x_train * 255).round().permute(0, 2, 3, 1)
     for _ in range(5):
-        images, labels, source = next(sampler)
+        images, labels, source, logits = next(sampler)
+        assert logits is None  # real images come with no shipped logits
         assert bool((source == REAL).all())
         assert nearest_error(unnormalise(images, (0.3,), (0.4,)), labels, ref,
                              load_digits_split(16).y_train).max() < 0.5
