@@ -5,10 +5,11 @@ Stages run in order and cache their results under --work, so an interrupted run 
 last saved images) and `--stages` runs some of them:
 
     verifier   VGG-7 with GroupNorm (no BatchNorm statistics to fit, no residuals) trained on the real training split
-    pools      di, bpid, adi (a ResNet-8 student in the loop, its KD rounds inside the budget), generator:
+    pools      di, bpid, adi (a ResNet-8 student in the loop, its KD rounds inside the budget), generator, and
+               generator_adi (the generator with ADI's competition term against a ResNet-8 in the loop):
                --budget-min minutes of synthesis each; figures by the teacher and by the verifier; a grid PNG each
-    kd         ResNet-8 by logit KD, --kd-steps steps on each pool, and on the real bound: as many real training
-               images as the best pool, the same steps
+    kd         ResNet-8 by logit KD, --kd-steps steps on each pool (crop, flip and --kd-mix), and on the real bound:
+               as many real training images as the best pool, the same steps
     vit        on the best pool (by the ResNet-8's validation top-1): DearKD and DeiT-style logit distillation into
                one ViT; DearKD on as many real images as its bound
     table      one JSON line in --out, and a markdown table on stderr
@@ -60,14 +61,19 @@ STAGES = ("verifier", "pools", "kd", "vit", "table")
 STAGE_BUDGET = {"verifier": ("verifier_epochs",),
                 "pools": ("pool_seconds", "batch", "iterations", "competition", "adi_steps", "generator_warmup",
                           "generator_steps"),
-                "kd": ("kd_steps", "kd_batch"), "vit": ("vit_steps", "vit_batch")}
-METHODS = ("di", "bpid", "adi", "generator")
+                "kd": ("kd_steps", "kd_batch", "kd_mix"), "vit": ("vit_steps", "vit_batch")}
+METHODS = ("di", "bpid", "adi", "generator", "generator_adi")
+# Methods with a ResNet-8 trained between batches inside the budget, whose disagreement with the teacher they raise.
+STUDENT_IN_LOOP = ("adi", "generator_adi")
+KD_MIXES = ("none", "mixup", "cutmix")
+DEFAULT_KD_MIX = "cutmix"  # chosen on the validation split (docs/benchmarks.md)
 # What each method changes in the synthesis settings below: DI has no BPID or competition term, ADI competes.
 METHOD_CHANGES: dict[str, dict[str, Any]] = {
     "di": dict(diversity=0.0, boundary=0.0, competition=0.0),
     "bpid": dict(competition=0.0),
     "adi": dict(diversity=0.0, boundary=0.0),
     "generator": dict(method="generator", competition=0.0),
+    "generator_adi": dict(method="generator"),
 }
 
 
@@ -84,6 +90,7 @@ class Budget:
     generator_steps: int
     kd_steps: int
     kd_batch: int
+    kd_mix: str               # mixes two images of a KD batch (p 0.8); the teacher labels the mixed view
     vit_steps: int
     vit_batch: int
     verifier_epochs: int | None
@@ -94,12 +101,12 @@ class Budget:
 def budget_for(args: argparse.Namespace) -> Budget:
     if args.quick:
         return Budget(pool_seconds=4, batch=20, iterations=4, competition=1.0, adi_steps=2, generator_warmup=2,
-                      generator_steps=1, kd_steps=6, kd_batch=32, vit_steps=4, vit_batch=16, verifier_epochs=1,
-                      train_limit=2000, eval_limit=300)
+                      generator_steps=1, kd_steps=6, kd_batch=32, kd_mix=args.kd_mix, vit_steps=4, vit_batch=16,
+                      verifier_epochs=1, train_limit=2000, eval_limit=300)
     return Budget(pool_seconds=60 * args.budget_min, batch=100, iterations=args.iterations,
                   competition=args.competition, adi_steps=args.adi_steps, generator_warmup=300,
-                  generator_steps=10, kd_steps=args.kd_steps, kd_batch=128, vit_steps=args.vit_steps, vit_batch=64,
-                  verifier_epochs=None, train_limit=None, eval_limit=None)
+                  generator_steps=10, kd_steps=args.kd_steps, kd_batch=128, kd_mix=args.kd_mix,
+                  vit_steps=args.vit_steps, vit_batch=64, verifier_epochs=None, train_limit=None, eval_limit=None)
 
 
 def log(message: str) -> None:
@@ -195,12 +202,12 @@ def synth_settings(run: Run, method: str, verifier: Path) -> SynthConfig:
     base = run.settings.synth.model_dump()
     change = METHOD_CHANGES[method] | {"batch_size": b.batch, "iterations": b.iterations, "log_every": 10**6,
                                        "verifier": verifier}
-    if method == "adi":
+    if method in STUDENT_IN_LOOP:
         change["competition"] = b.competition
     cfg = SynthConfig.model_validate(base | change)
     cfg.generator = cfg.generator.model_copy(update={
         "warmup_steps": b.generator_warmup, "steps": b.generator_steps, "memory": 500, "memory_weight": 30.0,
-        "checkpoint": run.work / "pools" / "generator_state.safetensors", "checkpoint_every": 5})
+        "checkpoint": run.work / "pools" / f"{method}_state.safetensors", "checkpoint_every": 5})
     return cfg
 
 
@@ -239,10 +246,12 @@ class PoolFile:
 
 
 class KDLearner:
-    """A student distilled from the teacher's logits on augmented views of uint8 images (crop + flip, T = 4)."""
+    """A student distilled from the teacher's logits on augmented views of uint8 images (crop + flip, T = 4), two
+    of them mixed (mixup, or CutMix's pasted box) in 80 % of the batches: the teacher labels every view it sees, so
+    mixing makes new inputs out of a small pool."""
 
     def __init__(self, arch: str, teacher: nn.Module, run: Run, steps: int, lr: float = 0.05, seed: int = 0,
-                 schedule: bool = True):
+                 schedule: bool = True, mix: str = "none"):
         torch.manual_seed(seed)
         card = run.teacher.card
         self.student = create_model(arch, num_classes=card.num_classes, in_chans=card.in_chans)
@@ -253,13 +262,29 @@ class KDLearner:
         self.sched = (torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=steps, pct_start=0.15)
                       if schedule else None)
         self.bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        self.mix = mix
+
+    def mixed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mix == "none" or float(torch.rand(1, generator=self.gen)) >= 0.8:
+            return x
+        other = x[torch.randperm(len(x), generator=self.gen)]
+        lam = float(torch.rand(1, generator=self.gen))  # Beta(1, 1)
+        if self.mix == "mixup":
+            return lam * x + (1 - lam) * other
+        h, w = x.shape[-2:]
+        bh, bw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+        cy, cx = (int(torch.randint(n, (1,), generator=self.gen)) for n in (h, w))
+        y0, y1, x0, x1 = max(cy - bh // 2, 0), min(cy + bh // 2, h), max(cx - bw // 2, 0), min(cx + bw // 2, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+        return x
 
     def train(self, images: torch.Tensor, steps: int, batch: int, temperature: float = 4.0) -> float:
         self.student.requires_grad_(True).train()  # an ADI engine froze it between rounds
         total = 0.0
         for _ in range(steps):
             idx = torch.randint(0, len(images), (batch,), generator=self.gen)
-            x = random_crop_flip(images[idx].float().div_(255.0), 4, True, self.gen)
+            x = self.mixed(random_crop_flip(images[idx].float().div_(255.0), 4, True, self.gen))
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 with torch.no_grad():
@@ -288,14 +313,14 @@ def make_pool(run: Run, method: str, verifier: Path) -> dict:
     cfg = synth_settings(run, method, verifier)
     labels = [i % card.num_classes for i in range(b.batch)]
     adi = None
-    if method == "adi":  # a second teacher instance: forwards through the engine's would feed its BN hooks
+    if method in STUDENT_IN_LOOP:  # a second teacher instance: forwards through the engine's would feed its BN hooks
         adi = KDLearner("resnet8", load_teacher(run.teacher_card).model, run, steps=1, lr=0.01, schedule=False)
-        adi_weights = pool.path.with_name("adi_student.safetensors")
+        adi_weights = pool.path.with_name(f"{method}_student.safetensors")
         if adi_weights.is_file() and pool.count:
             load_weights(adi.student, adi_weights)
     with create_synthesizer(run.teacher, cfg, student=adi.student if adi else None, log=log) as engine:
         t0 = time.perf_counter()
-        if method == "generator":  # a resumed generator is warm already: keep the first warm-up's figure
+        if cfg.method == "generator":  # a resumed generator is warm already: keep the first warm-up's figure
             pool.meta.setdefault("warmup_seconds", round(engine.warm_up(), 1))
         pool.meta["seconds"] += time.perf_counter() - t0
         last_save = time.perf_counter()
@@ -313,7 +338,7 @@ def make_pool(run: Run, method: str, verifier: Path) -> dict:
                 log(f"{method}: {pool.count} images in {pool.meta['seconds']:.0f}s")
         pool.meta |= {"done": True, "settings": {k: v for k, v in cfg.model_dump(mode="json").items()
                                                  if k not in ("generator", "verifier")}}
-        if method == "generator":
+        if cfg.method == "generator":
             pool.meta["settings"]["generator"] = cfg.generator.model_dump(mode="json")
     pool.save()
     return pool.meta
@@ -331,7 +356,7 @@ def pool_figures(run: Run, method: str, meta: dict) -> dict:
     pixel = pixel_diversity(t["images"][:5000], labels[:5000])
     return {"method": method, "images": len(labels), "seconds": round(meta["seconds"], 1),
             "images_per_s": round(len(labels) / meta["seconds"], 2),
-            "iterations": meta["settings"]["iterations"] if method != "generator" else None,
+            "iterations": meta["settings"]["iterations"] if meta["settings"]["method"] != "generator" else None,
             "warmup_seconds": meta.get("warmup_seconds"),
             "teacher_top1": round(float((t["teacher_top1"] == labels).float().mean()), 4),
             "verifier_top1": round(float((t["verifier_top1"] == labels).float().mean()), 4),
@@ -371,10 +396,16 @@ def pool_images(run: Run, method: str) -> tuple[torch.Tensor, torch.Tensor]:
 def kd_student(run: Run, images: torch.Tensor) -> dict:
     b = run.budget
     t0 = time.perf_counter()
-    learner = KDLearner("resnet8", load_teacher(run.teacher_card).model, run, steps=b.kd_steps)
+    learner = KDLearner("resnet8", load_teacher(run.teacher_card).model, run, steps=b.kd_steps, mix=b.kd_mix)
     loss = learner.train(images, b.kd_steps, b.kd_batch)
-    return {"images": len(images), "steps": b.kd_steps, "batch": b.kd_batch, "final_loss": round(loss, 4),
-            "seconds": round(time.perf_counter() - t0, 1)} | run.score(learner.student)
+    return {"images": len(images), "steps": b.kd_steps, "batch": b.kd_batch, "mix": b.kd_mix,
+            "final_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)} | run.score(learner.student)
+
+
+def kd_name(run: Run, source: str) -> str:
+    """The KD result of a pool (or "real"): other mixes than the default keep their own files, to compare on val."""
+    mix = run.budget.kd_mix
+    return f"kd_{source}" if mix == DEFAULT_KD_MIX else f"kd_{source}_{mix}"
 
 
 def best_pool(kd: dict) -> str:
@@ -385,16 +416,16 @@ def best_pool(kd: dict) -> str:
 def stage_kd(run: Run) -> dict:
     out = {}
     for method in run.args.methods.split(","):
-        if (done := run.cached(f"kd_{method}")) is None:
+        if (done := run.cached(kd_name(run, method))) is None:
             run.require(f"pool_{method}", "pools")
             log(f"kd on {method}: {run.budget.kd_steps} steps")
-            done = run.save(f"kd_{method}", kd_student(run, pool_images(run, method)[0]))
+            done = run.save(kd_name(run, method), kd_student(run, pool_images(run, method)[0]))
         out[method] = done
-    if (done := run.cached("kd_real")) is None:
+    if (done := run.cached(kd_name(run, "real"))) is None:
         best = best_pool(out)
         images, _ = real_images(run, out[best]["images"])
         log(f"kd on {len(images)} real images (as many as the best pool, {best})")
-        done = run.save("kd_real", kd_student(run, images) | {"as_many_as": best})
+        done = run.save(kd_name(run, "real"), kd_student(run, images) | {"as_many_as": best})
     out["real"] = done
     return out
 
@@ -432,12 +463,16 @@ def vit_student(run: Run, variant: str, images: torch.Tensor, labels: torch.Tens
 
 
 def stage_vit(run: Run) -> dict:
-    kd = {m: run.require(f"kd_{m}", "kd") for m in run.args.methods.split(",")}
+    kd = {m: run.require(kd_name(run, m), "kd") for m in run.args.methods.split(",")}
     best = best_pool(kd)
     out = {"pool": best}
+    count = kd[best]["images"]
     for name, variant, source in (("dearkd", "dearkd", best), ("deit", "deit_distillation", best),
                                   ("dearkd_real", "dearkd", "real")):
-        if (done := run.cached(f"vit_{name}")) is None:
+        if (done := run.cached(f"vit_{name}")) is not None and (done["pool"], done["images"]) != (source, count):
+            raise SystemExit(f"{run.work / f'vit_{name}'}.json was trained on {done['images']} {done['pool']} images, "
+                             f"but the best pool is now {best} ({count} images): delete it to train it again")
+        if done is None:
             images, labels = pool_images(run, best)
             if source == "real":
                 images, labels = real_images(run, len(images))
@@ -456,7 +491,7 @@ def pct(x: float | None) -> str:
 def stage_table(run: Run) -> dict:
     methods = run.args.methods.split(",")
     pools = {m: run.require(f"pool_{m}", "pools") for m in methods}
-    kd = {m: run.require(f"kd_{m}", "kd") for m in methods + ["real"]}
+    kd = {m: run.require(kd_name(run, m), "kd") for m in methods + ["real"]}
     vit = {n: run.require(f"vit_{n}", "vit") for n in ("dearkd", "deit", "dearkd_real")}
     verifier = run.require("verifier", "verifier")
     card = run.teacher.card
@@ -506,6 +541,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--competition", type=float, default=1.0, help="ADI a_c")
     p.add_argument("--adi-steps", type=int, default=20, help="student KD steps after each ADI batch")
     p.add_argument("--kd-steps", type=int, default=3000, help="ResNet-8 KD steps (batch 128) on every pool")
+    p.add_argument("--kd-mix", choices=KD_MIXES, default=DEFAULT_KD_MIX,
+                   help="how two images of a KD batch are mixed (p 0.8); other mixes than the default keep their own "
+                        "result files, so they can be compared on the validation split")
     p.add_argument("--vit-steps", type=int, default=3000, help="ViT steps (batch 64)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing in a minute")
     p.add_argument("--out", help="result JSON (default: bench/results/cifar10_cpu.json; --quick: in --work)")

@@ -32,7 +32,7 @@ def test_every_stage_runs_caches_and_reports(tmp_path):
     out = json.loads((work / "cifar10_cpu.json").read_text())
     assert out["bench"] == "cifar10_cpu" and out["quick"] is True and out["teacher"]["arch"] == "resnet20"
     assert out["verifier"]["arch"] == "vgg7_gn" and 0 <= out["verifier"]["test_top1"] <= 1
-    for method in ("di", "bpid", "adi", "generator"):
+    for method in ("di", "bpid", "adi", "generator", "generator_adi"):
         pool = out["pools"][method]
         assert pool["images"] >= 20 and pool["images"] % 20 == 0, pool  # whole batches of 20
         assert pool["seconds"] >= 4  # the quick budget, spent in full
@@ -40,8 +40,9 @@ def test_every_stage_runs_caches_and_reports(tmp_path):
         assert (work / "grids" / f"cifar10_{method}.png").is_file()
         kd = out["kd_resnet8"][method]
         assert kd["images"] == pool["images"] and kd["steps"] == 6 and 0 <= kd["test_top1"] <= 1
-    assert out["pools"]["generator"]["warmup_seconds"] is not None
-    best = max(("di", "bpid", "adi", "generator"), key=lambda m: out["kd_resnet8"][m]["val_top1"])
+    assert all(out["pools"][m]["warmup_seconds"] is not None for m in ("generator", "generator_adi"))
+    assert {kd["mix"] for kd in out["kd_resnet8"].values()} == {"cutmix"}
+    best = max(("di", "bpid", "adi", "generator", "generator_adi"), key=lambda m: out["kd_resnet8"][m]["val_top1"])
     assert out["kd_resnet8"]["real"]["as_many_as"] == best
     assert out["kd_resnet8"]["real"]["images"] == out["pools"][best]["images"]
     assert {v["pool"] for v in out["vit"].values()} == {best, "real"} and out["vit"]["deit"]["pool"] == best
