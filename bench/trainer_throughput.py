@@ -3,11 +3,13 @@ loop (same student size, no MHCA, plain CE and AdamW) at the same batch; and the
 host every step (as the trainer once did) against every `log_every` steps. Synthetic random inputs, so only compute
 is measured. Beside them, stage 1 with the teachers' logits shipped with the batch (`train.teacher_logits:
 stored`: no teacher forward for logits, the teacher run only up to its last feature stage) against computing them
-online, for the teacher alone and with `--ensemble` members; with and without the early-feature term.
-The last line printed is one JSON object.
+online, for the teacher alone and with `--ensemble` members; with and without the early-feature term. With
+`--scalekd-teacher`, the ScaleKD recipe's images/s against plain logit KD (the same trainer without its feature
+terms) for each `--scalekd-students` model. The last line printed is one JSON object.
 
     python bench/trainer_throughput.py --config digits --steps 30      # the digits teacher by default
     python bench/trainer_throughput.py --ensemble runs/teachers/digits_rednet_digits.json
+    python bench/trainer_throughput.py --scalekd-teacher runs/teachers/digits_vit_nano_patch2_16.json
 """
 from __future__ import annotations
 
@@ -25,11 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
-from shared.config import Settings, resolve_device  # noqa: E402
+from shared.config import ScaleKDConfig, Settings, resolve_device  # noqa: E402
 from shared.ensemble import Ensemble  # noqa: E402
+from shared.teacher import load_teacher  # noqa: E402
 from shared.models.dearkd_student import create_student  # noqa: E402
 from trainer.engine import DearKDTrainer, autocast_dtype  # noqa: E402
 from trainer.metrics import TrainerMetrics  # noqa: E402
+from trainer.scalekd import ScaleKDTrainer  # noqa: E402
 
 FAR = 10**9  # a run this long stays in stage 1; step FAR - 1 is in stage 2
 
@@ -71,6 +75,26 @@ def logit_paths(s: Settings, cfg, teacher, ensemble: Ensemble, x, y, args, devic
     return out
 
 
+def scalekd_rates(s: Settings, card_path: str, students: list[str], batch: int, args, device, precision: str) -> dict:
+    """Images/s of ScaleKD with every part against plain logit KD (no feature terms, no TPP), per student."""
+    vit = load_teacher(card_path)
+    c = vit.card
+    x = torch.randn(batch, c.in_chans, c.image_size, c.image_size, device=device)
+    y = torch.randint(0, c.num_classes, (batch,), device=device)
+    train = s.train.model_copy(update={"steps": FAR, "precision": precision})
+    out = {"teacher": c.arch}
+    for student in students:
+        rates = {}
+        for row, change in (("scalekd", {}), ("plain_kd", dict(spatial_weight=0.0, frequency_weight=0.0,
+                                                                tpp=False))):
+            torch.manual_seed(0)
+            trainer = ScaleKDTrainer(ScaleKDConfig(student=student, **change), train, vit.model, c, c, device)
+            rates[row] = round(batch * args.steps / timed(lambda: trainer.train_step(x, y), args.steps, args.warmup,
+                                                          device), 1)
+        out[student] = rates | {"scalekd_over_plain_kd": round(rates["scalekd"] / rates["plain_kd"], 3)}
+    return out
+
+
 def stage_seconds(trainer: DearKDTrainer, x, y, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
     stage1 = timed(lambda: trainer.train_step(x, y), steps, warmup, device)
     trainer.step = FAR - 1  # the stage-2 side of the switch
@@ -92,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--log-every", type=int, default=50, help="loss reads in the sync comparison (train.log_every)")
     p.add_argument("--device", default="auto")
     p.add_argument("--ensemble", action="append", default=[], help="a further teacher card (repeatable)")
+    p.add_argument("--scalekd-teacher", help="a ViT teacher card: adds ScaleKD against plain logit KD")
+    p.add_argument("--scalekd-students", default="resnet8,mixer_nano_patch2_16")
     args = p.parse_args(argv)
     s = Settings.load(args.config)
     device = resolve_device(args.device)
@@ -161,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
            "host_reads": {"log_every": args.log_every, "every_step_steps_per_s": rate(per_step),
                           "when_logging_steps_per_s": rate(logged), "gain": round(per_step / logged, 3)},
            "stored_logits": logits}
+    if args.scalekd_teacher:
+        out["scalekd"] = scalekd_rates(s, args.scalekd_teacher, args.scalekd_students.split(","), batch, args, device,
+                                       default)
     print(json.dumps(out))
     return out
 

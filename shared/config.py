@@ -185,6 +185,8 @@ ARCH_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
                                   amp="bf16", refit=True),
     ("cifar10", "vgg7_gn"): dict(epochs=15, batch_size=128, lr=0.1, weight_decay=5e-4, label_smoothing=0.1,
                                  amp="bf16"),
+    # ViTs learn from 1,146 digits only with more epochs, weight decay and smoothing than the CNN preset.
+    ("digits", "vit_nano_patch2_16"): dict(epochs=60, lr=1e-3, weight_decay=0.05, label_smoothing=0.1),
 }
 
 
@@ -362,6 +364,34 @@ class DearKDConfig(BaseModel):
                                "its member's logits (Co-advise)")
 
 
+class ScaleKDConfig(BaseModel):
+    """The ScaleKD recipe (`train.recipe: scalekd`): a ViT teacher for a student of any architecture
+    (docs/architecture.md §4)."""
+
+    model_config = {"extra": "forbid"}
+
+    teacher: Path | None = Field(None, description="the ViT teacher's card; None: `teacher` itself, which must then be "
+                                                   "a ViT. The synthesising teacher's images are relabelled by it")
+    student: str = Field("resnet8", description="the student: any registry or timm model with timm's "
+                                                "`forward_intermediates` (the project's CNNs, ViTs, MLP-Mixers)")
+    student_stages: tuple[int, int] = Field((-2, -1), description="the student's intermediate indices matched to the "
+                                                                  "teacher's middle and final tokens")
+    teacher_tail_blocks: int = Field(2, ge=1, description="the teacher's last blocks: their input is its middle "
+                                                          "point, and TPP runs the student's projections through them")
+    cap: bool = Field(True, description="cross-attention projectors; off: a 1x1 conv resized to the teacher's grid")
+    dfm: bool = Field(True, description="dual-view mimicking; off: the spatial view alone")
+    tpp: bool = Field(True, description="teacher parameter perception: projected middle features through the frozen "
+                                        "teacher's tail, matched to its final tokens and used as the final projectors' "
+                                        "queries")
+    spatial_weight: float = Field(0.08, ge=0, description="spatial view: MSE of per-position L2-normalised tokens")
+    frequency_weight: float = Field(0.06, ge=0, description="frequency view: the same after removing each "
+                                                            "channel's DCT direct component")
+    logit_weight: float = Field(0.5, ge=0, description="KL to the teacher's softmax at `temperature`")
+    label_weight: float = Field(1.0, ge=0, description="cross-entropy on the labels")
+    temperature: float = Field(1.0, gt=0)
+    heads: int = Field(4, ge=1, description="attention heads of each projector (divides the teacher's width)")
+
+
 class TrainConfig(BaseModel):
     """The student's training run: optimisation, data mix, checkpoints (docs/architecture.md §4-§5)."""
 
@@ -375,6 +405,9 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(100, ge=0)
     clip_grad_norm: float | None = Field(5.0, gt=0, description="clip the global gradient norm to this; None: no "
                                                                 "clipping")
+    recipe: Literal["dearkd", "scalekd"] = Field(
+        "dearkd", description="dearkd: the two-stage DearKD ViT from a CNN teacher; scalekd: a student of any "
+                              "architecture from a ViT teacher (`scalekd`)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on CUDA, fp32 on CPU; bf16 autocasts the forward passes (losses, weights and "
                             "optimizer stay fp32). On CUDA, fp32 matmuls and convolutions use TF32")
@@ -420,6 +453,7 @@ class Settings(BaseSettings):
     service: ServiceConfig = ServiceConfig()
     student: StudentConfig = StudentConfig()
     dearkd: DearKDConfig = DearKDConfig()
+    scalekd: ScaleKDConfig = ScaleKDConfig()
     train: TrainConfig = TrainConfig()
     feedback: FeedbackConfig = FeedbackConfig()
 

@@ -6,12 +6,23 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from shared.config import Settings, TeacherRecipe
 from shared.teacher import Teacher, load_teacher
 from trainer.teacher_train import train_teacher
 
 pytest_plugins = ["redis_fixture"]  # real Redis fixtures: redis_server, redis_client
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: a second thread only spins against other work on a shared 2-core machine (10x slower).
+    A module takes it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

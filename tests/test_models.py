@@ -27,14 +27,18 @@ def test_the_cifar_verifier_has_no_batchnorm_for_an_inversion_to_fit():
 
 @pytest.mark.parametrize("name", PROJECT_MODELS)
 def test_every_project_model_follows_the_head_protocol(name):
-    in_chans, size = (1, 16) if name.startswith("digits") else (3, 32)
+    in_chans, size = (1, 16) if name.startswith("digits") or name.endswith("_16") else (3, 32)
     model = create_model(name, num_classes=7, in_chans=in_chans).eval()
     x = torch.randn(2, in_chans, size, size)
     with torch.no_grad():
         logits = model(x)
         pre = model.forward_head(model.forward_features(x), pre_logits=True)
         assert torch.allclose(model.get_classifier()(pre), logits, atol=1e-5)
+        # timm's intermediates protocol (what ScaleKD reads): two NCHW maps, and final features for the head.
+        final, maps = model.forward_intermediates(x, indices=2)
+        assert torch.allclose(model.forward_head(final), logits, atol=1e-5)
     assert logits.shape == (2, 7) and pre.shape == (2, model.num_features)
+    assert len(maps) == 2 and all(m.ndim == 4 and len(m) == 2 for m in maps)
 
 
 @pytest.mark.parametrize("name,params", [("resnet18_cifar", 11_173_962), ("wrn_40_2", 2_243_546),

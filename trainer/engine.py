@@ -1,7 +1,7 @@
 """DearKDTrainer: one optimisation step at a time, stage 1 (teacher logits + early features) then stage 2 (labels)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,11 @@ def student_for_ensemble(student: StudentConfig, dearkd: DearKDConfig, members: 
         raise ValueError(f"student.dist_tokens is {student.dist_tokens}; with {members} teacher(s) and "
                          f"dearkd.ensemble_tokens {dearkd.ensemble_tokens!r} the student has {tokens}")
     return student.model_copy(update={"dist_tokens": tokens})
+
+
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`fn` over `x` a batch at a time, the results concatenated on the host."""
+    return torch.cat([fn(x[i:i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -214,14 +219,14 @@ class DearKDTrainer:
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Class probabilities: the average of every head's softmax (class token and distillation tokens)."""
         self.model.eval()
-        out = []
-        for i in range(0, len(x), batch_size):
+
+        def probs(xb: torch.Tensor) -> torch.Tensor:
             with self._autocast():
-                _, (cls_logits, dist_logits) = block_outputs(self.student, x[i:i + batch_size].to(self.device), [])
+                _, (cls_logits, dist_logits) = block_outputs(self.student, xb.to(self.device), [])
             dist = dist_logits if dist_logits.ndim == 3 else dist_logits[None]
-            probs = torch.cat((cls_logits[None], dist)).float().softmax(-1).mean(0)
-            out.append(probs.cpu())
-        return torch.cat(out)
+            return torch.cat((cls_logits[None], dist)).float().softmax(-1).mean(0)
+
+        return in_batches(probs, x, batch_size)
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((self.predict(x).argmax(1) == y).float().mean())

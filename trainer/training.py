@@ -12,12 +12,13 @@ from shared.batch_contract import BatchContract
 from shared.config import Settings, resolve_device
 from shared.ensemble import Ensemble
 from shared.stream import connect_redis
-from shared.teacher import Teacher
+from shared.teacher import Teacher, load_teacher
 from shared.weights import save_weights
 from trainer.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from trainer.consumer import StreamConsumer
 from trainer.distributed import DistributedContext
 from trainer.engine import DearKDTrainer, student_for_ensemble
+from trainer.scalekd import ScaleKDTrainer
 from trainer.metrics import TrainerMetrics
 from trainer.mixing import REAL, MixInSampler
 from trainer.schedule import stage_at
@@ -101,6 +102,18 @@ def _usable_views(s, members: tuple[str, ...], flip: bool) -> list[int]:
     return [i for i, v in enumerate(s.logit_views) if v == "identity" or (flip and v == "hflip")]
 
 
+def check_scalekd(settings: Settings, ctx: DistributedContext) -> None:
+    """What the ScaleKD recipe does not take, refused before anything starts."""
+    if settings.ensemble:
+        raise ValueError("`ensemble` is for the DearKD recipe; train.recipe: scalekd distils one ViT teacher "
+                         "(scalekd.teacher)")
+    if ctx.enabled:
+        raise ValueError("train.recipe: scalekd runs in one process; start it without torchrun")
+    if settings.train.teacher_logits == "stored":
+        raise ValueError("train.teacher_logits: stored is for the DearKD recipe; ScaleKD runs its ViT teacher on "
+                         "every view (set it to auto or online)")
+
+
 def _rank_log(log: Callable[[str], None], rank: int) -> Callable[[str], None]:
     """Progress and evaluation come from rank 0; other ranks report only what is theirs."""
     def rank_log(message: str) -> None:
@@ -126,12 +139,16 @@ def run_training(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Ten
 def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, torch.Tensor] | None,
            log: Callable[[str], None], ctx: DistributedContext, device: torch.device) -> dict:
     cfg, card = settings.train, teacher.card
+    scalekd = cfg.recipe == "scalekd"
+    if scalekd:
+        check_scalekd(settings, ctx)
     student = settings.student.for_teacher(card)  # first: a student that cannot take the teacher's images is an error
     ensemble = Ensemble.load(teacher, settings.ensemble)
     distils = settings.dearkd.stage1_fraction > 0
     # What the publisher sends too: one distillation token per member under per_teacher.
     student = student_for_ensemble(student, settings.dearkd, len(ensemble.members) if distils else 1)
     stored = cfg.teacher_logits == "stored" or (cfg.teacher_logits == "auto" and bool(settings.ensemble))
+    stored = stored and not scalekd
     if not ctx.is_main:
         log = _rank_log(log, ctx.rank)
     out = ctx.rank_dir(cfg.out_dir)
@@ -171,8 +188,13 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
                  if cfg.real_fraction < 1 else None)
     mix = MixInSampler(real_reader if cfg.real_fraction > 0 else None, synthetic, cfg.real_fraction, cfg.batch_size,
                        seed=seed)
-    trainer = DearKDTrainer(student, settings.dearkd, cfg, teacher.model if distils else None, device,
-                            distributed=ctx.enabled, ensemble=ensemble if distils else None)
+    if scalekd:
+        vit = load_teacher(settings.scalekd.teacher) if settings.scalekd.teacher is not None else teacher
+        trainer = ScaleKDTrainer(settings.scalekd, cfg, vit.model, vit.card, card, device)
+        log(f"ScaleKD: {settings.scalekd.student} from the ViT teacher {vit.card.name!r}")
+    else:
+        trainer = DearKDTrainer(student, settings.dearkd, cfg, teacher.model if distils else None, device,
+                                distributed=ctx.enabled, ensemble=ensemble if distils else None)
 
     checkpoint = find_checkpoint(out)
     if checkpoint is not None:
@@ -182,7 +204,9 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
         mix.step, mix.real_seen, mix.synthetic_seen = state["mix"]
         log(f"resumed from {checkpoint} at step {trainer.step}, stage {trainer.stage}")
     ctx.check_same_step(trainer.step)  # DDP then starts every rank from rank 0's weights
-    publisher = StudentPublisher.from_settings(settings, student, card, metrics, log) if ctx.is_main else None
+    # The service's adversarial terms take DearKD students: a ScaleKD student is not fed back.
+    publisher = (StudentPublisher.from_settings(settings, student, card, metrics, log)
+                 if ctx.is_main and not scalekd else None)
 
     def save() -> None:
         save_checkpoint(out, trainer.model, trainer.optimizer, {

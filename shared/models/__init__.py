@@ -2,7 +2,7 @@
 from shared.models.registry import create_model, is_model, list_models, register_model
 
 # Importing the modules registers their models.
-from shared.models import cifar_resnet, cifar_vgg, digits, rednet, wide_resnet  # noqa: F401,E402
+from shared.models import cifar_resnet, cifar_vgg, digits, rednet, sized_timm, wide_resnet  # noqa: F401,E402
 
 # The DearKD student is built from a StudentConfig, not by name: shared/models/dearkd_student.py.
 

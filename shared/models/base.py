@@ -23,6 +23,29 @@ class PooledClassifier(nn.Module):
             x = stage(x)
         return self.final(x)
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              intermediates_only: bool = False, output_fmt: str = "NCHW",
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's protocol over the stages: the outputs of the stages in `indices` (an int n: the last n), and the
+        final features for `forward_head` unless `intermediates_only`."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r}: these CNNs give NCHW maps only")
+        count = len(self.stages)
+        if indices is None:
+            indices = count
+        wanted = list(range(count - indices, count)) if isinstance(indices, int) else [i % count for i in indices]
+        if not all(0 <= i < count for i in wanted):
+            raise IndexError(f"stage indices {indices} out of range for {count} stages")
+        x = self.stem(x)
+        maps = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in wanted:
+                maps.append(x)
+            if intermediates_only and i == max(wanted):
+                return maps
+        return self.final(x), maps
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=(2, 3))
         return x if pre_logits else self.fc(x)

@@ -1,0 +1,131 @@
+"""ScaleKD on digits: the same ViT teacher, data and steps for every row; a CNN and an MLP-Mixer student (a ViT too
+with --students), each by plain logit KD and by ScaleKD with all parts, then with CAP, DFM and TPP switched off one
+at a time. The last line printed is one JSON object with every row's validation and test top-1.
+
+    python bench/scalekd_ablation.py                       # 2 students x 5 rows x 2 seeds (about 20 min on 2 cores)
+    python bench/scalekd_ablation.py --students resnet8 --rows kd,scalekd --seeds 1
+
+Data: `--data real` takes a stratified `--fraction` of the real training digits (the partial-data setting);
+`--data synthetic` a pool the digits CNN teacher inverts, which the ViT teacher then labels and teaches on.
+Rows are compared on the validation split; the test split is reported beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in-memory image pool the tests use too
+
+from bench.bench_teacher import bench_teacher  # noqa: E402
+from bench.synth_throughput import git_commit  # noqa: E402
+from image_pool import ImagePool  # noqa: E402
+from shared.config import ScaleKDConfig, Settings, TeacherRecipe, TrainConfig  # noqa: E402
+from shared.data.digits import load_digits_split  # noqa: E402
+from shared.data.splits import stratified_subset, unit_to_uint8  # noqa: E402
+from shared.teacher import Teacher, load_teacher  # noqa: E402
+from synth_service.synthesizer import create_synthesizer  # noqa: E402
+from trainer.scalekd import ScaleKDTrainer  # noqa: E402
+from trainer.teacher_train import train_teacher  # noqa: E402
+
+VIT_TEACHER = "vit_nano_patch2_16"
+# What each row changes in the ScaleKD settings: plain KD keeps only the logit and label terms.
+ROWS = {
+    "kd": dict(spatial_weight=0.0, frequency_weight=0.0, tpp=False),
+    "scalekd": {},
+    "no_cap": dict(cap=False),
+    "no_dfm": dict(dfm=False),
+    "no_tpp": dict(tpp=False),
+}
+STUDENTS = ("resnet8", "mixer_nano_patch2_16", "vit_nano_patch2_16")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def vit_teacher(s: Settings, ref: str | None) -> Teacher:
+    """The digits ViT teacher, trained once and cached beside the other bench teachers."""
+    if ref is not None:
+        return bench_teacher(ref)
+    card = s.runs_dir / "teachers" / f"digits_{VIT_TEACHER}.json"
+    if not card.is_file():
+        train_teacher(TeacherRecipe(dataset="digits", arch=VIT_TEACHER), s.data, card.parent, name=card.stem, log=log)
+    return load_teacher(card)
+
+
+def training_images(s: Settings, args: argparse.Namespace, split) -> tuple[torch.Tensor, torch.Tensor]:
+    if args.data == "real":
+        idx = stratified_subset(split.y_train.numpy(), args.fraction, seed=0)
+        return unit_to_uint8(split.x_train[idx]), split.y_train[idx]
+    cnn = bench_teacher(args.synth_teacher)
+    with create_synthesizer(cnn, s.synth) as engine:
+        pool = engine.synthesize_classes(list(range(cnn.card.num_classes)), args.per_class, seed=0)
+    return pool.images, pool.labels
+
+
+def train_row(teacher: Teacher, student: str, row: str, train: TrainConfig, images, labels, split, seed: int) -> dict:
+    card = teacher.card
+    torch.manual_seed(seed)
+    trainer = ScaleKDTrainer(ScaleKDConfig(student=student, **ROWS[row]), train, teacher.model, card, card)
+    batches = ImagePool(images, labels, card.mean, card.std, train.batch_size, train.crop_padding, flip=train.flip,
+                        seed=seed)
+    t0 = time.perf_counter()
+    for _ in range(train.steps):
+        trainer.train_step(*next(batches))
+    seconds = time.perf_counter() - t0
+    mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
+    return {"seed": seed, "val_top1": round(trainer.evaluate((split.x_val - mean) / std, split.y_val), 4),
+            "test_top1": round(trainer.evaluate((split.x_test - mean) / std, split.y_test), 4),
+            "seconds": round(seconds, 1), "images_per_s": round(train.steps * train.batch_size / seconds, 1)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", help=f"ViT teacher card (default: {VIT_TEACHER} on digits, trained on first use)")
+    p.add_argument("--students", default="resnet8,mixer_nano_patch2_16")
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--data", choices=("real", "synthetic"), default="real")
+    p.add_argument("--fraction", type=float, default=0.2, help="--data real: share of the training digits")
+    p.add_argument("--synth-teacher", help="--data synthetic: the CNN teacher that inverts (default: the digits one)")
+    p.add_argument("--per-class", type=int, default=50, help="--data synthetic: images per class")
+    args = p.parse_args(argv)
+    rows, students = args.rows.split(","), args.students.split(",")
+    unknown = [r for r in rows if r not in ROWS] + [m for m in students if m not in STUDENTS]
+    if unknown or args.seeds < 1 or not 0 < args.fraction <= 1:
+        sys.exit(f"bench: unknown row or student {unknown} (rows: {', '.join(ROWS)}; students: "
+                 f"{', '.join(STUDENTS)}), --seeds below 1, or --fraction outside (0, 1]")
+    s = Settings.load("digits")
+    teacher = vit_teacher(s, args.teacher)
+    split = load_digits_split(s.data.digits_size)
+    images, labels = training_images(s, args, split)
+    train = s.train.model_copy(update={"steps": args.steps, "batch_size": args.batch, "lr": args.lr,
+                                       "warmup_steps": args.steps // 10, "precision": "fp32"})
+    out = {"bench": "scalekd_ablation", "teacher": {"arch": teacher.card.arch, **teacher.card.metrics},
+           "data": args.data, "images": len(labels), "steps": args.steps, "batch": args.batch, "lr": args.lr,
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": git_commit(), "device": "cpu",
+           "results": {}}
+    for student in students:
+        for row in rows:
+            runs = [train_row(teacher, student, row, train, images, labels, split, seed) for seed in range(args.seeds)]
+            result = {"runs": runs, "mean_val_top1": round(statistics.mean(r["val_top1"] for r in runs), 4),
+                      "mean_test_top1": round(statistics.mean(r["test_top1"] for r in runs), 4)}
+            out["results"][f"{student}/{row}"] = result
+            log(f"{student} {row}: val {result['mean_val_top1']:.4f} test {result['mean_test_top1']:.4f} "
+                f"({runs[0]['images_per_s']} img/s)")
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
