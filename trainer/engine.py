@@ -9,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shared.config import DearKDConfig, StudentConfig, TrainConfig
 from shared.ensemble import Ensemble
+from shared.teacher import TeacherCard
 from trainer.aligner import aligner_key, build_aligners, feature_loss, normalize_teacher_map, teacher_stage_outputs
 from trainer.losses import ensemble_target, stage1_loss, stage2_loss
 from trainer.schedule import stage1_steps, stage_at, student_lr
@@ -37,6 +38,15 @@ def student_for_ensemble(student: StudentConfig, dearkd: DearKDConfig, members: 
         raise ValueError(f"student.dist_tokens is {student.dist_tokens}; with {members} teacher(s) and "
                          f"dearkd.ensemble_tokens {dearkd.ensemble_tokens!r} the student has {tokens}")
     return student.model_copy(update={"dist_tokens": tokens})
+
+
+def renormalisation(source: TeacherCard, target: TeacherCard, device: torch.device,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift): x normalised for `source`, times scale plus shift, is the same pixels normalised for
+    `target`."""
+    mean_s, std_s = torch.tensor(source.mean), torch.tensor(source.std)
+    mean_t, std_t = torch.tensor(target.mean), torch.tensor(target.std)
+    return ((std_s / std_t).view(1, -1, 1, 1).to(device), ((mean_s - mean_t) / std_t).view(1, -1, 1, 1).to(device))
 
 
 def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -116,15 +126,8 @@ class DearKDTrainer:
         if self.teacher is None or ensemble.members[0].model is not self.teacher:
             raise ValueError("the ensemble's member 0 must be the trainer's teacher")
         first = ensemble.members[0].card
-        out = []
-        for member in ensemble.members[1:]:
-            c = member.card
-            mean_t, std_t = torch.tensor(first.mean), torch.tensor(first.std)
-            mean_m, std_m = torch.tensor(c.mean), torch.tensor(c.std)
-            scale, shift = (std_t / std_m).view(1, -1, 1, 1), ((mean_t - mean_m) / std_m).view(1, -1, 1, 1)
-            out.append((member.model.to(self.device).eval().requires_grad_(False), scale.to(self.device),
-                        shift.to(self.device)))
-        return out
+        return [(member.model.to(self.device).eval().requires_grad_(False),
+                 *renormalisation(first, member.card, self.device)) for member in ensemble.members[1:]]
 
     @property
     def ensemble_size(self) -> int:

@@ -22,7 +22,7 @@ from shared.config import ScaleKDConfig, TrainConfig
 from shared.models import create_model
 from shared.teacher import TeacherCard
 from trainer.cross_attention_projector import CrossAttentionProjector, LinearProjector
-from trainer.engine import autocast_dtype, in_batches, param_groups
+from trainer.engine import autocast_dtype, in_batches, param_groups, renormalisation
 from trainer.scalekd_losses import frequency_view, spatial_view
 from trainer.schedule import student_lr
 from trainer.vit_teacher import ViTTeacherStages
@@ -75,11 +75,7 @@ class ScaleKDTrainer:
                              f"{teacher_card.in_chans} channel(s), {teacher_card.num_classes} classes; the images are "
                              f"{card.image_size} px, {card.in_chans}, {card.num_classes}")
         self.teacher = ViTTeacherStages(teacher, cfg.teacher_tail_blocks).to(self.device)
-        # x in the images' normalisation, times scale plus shift, is the same pixels in the teacher's.
-        mean_i, std_i = torch.tensor(card.mean), torch.tensor(card.std)
-        mean_t, std_t = torch.tensor(teacher_card.mean), torch.tensor(teacher_card.std)
-        self.scale = (std_i / std_t).view(1, -1, 1, 1).to(self.device)
-        self.shift = ((mean_i - mean_t) / std_t).view(1, -1, 1, 1).to(self.device)
+        self.scale, self.shift = renormalisation(card, teacher_card, self.device)
         self.student = create_model(cfg.student, num_classes=card.num_classes, in_chans=card.in_chans).to(self.device)
         shapes = student_maps(self.student, cfg.student_stages, card)
         self.views = ("spatial", "frequency") if cfg.dfm else ("spatial",)
