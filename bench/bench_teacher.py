@@ -24,3 +24,20 @@ def bench_teacher(ref: str | None) -> Teacher:
         return resolve_teacher(ref)
     except (DfkdError, OSError, ValueError) as e:
         sys.exit(f"bench: cannot load the teacher {ref!r}: {e}")
+
+
+def digits_teacher(arch: str, ref: str | None = None) -> Teacher:
+    """The card named by `ref`, else a digits teacher of `arch`, trained once by the recipe for it and cached as
+    `runs/teachers/digits_<arch>.json` beside the other bench teachers."""
+    if ref is not None:
+        return bench_teacher(ref)
+    from shared.config import TeacherRecipe
+    from shared.teacher import load_teacher
+    from trainer.teacher_train import train_teacher
+
+    s = Settings.load("digits")
+    card = s.runs_dir / "teachers" / f"digits_{arch}.json"
+    if not card.is_file():
+        train_teacher(TeacherRecipe(dataset="digits", arch=arch), s.data, card.parent, name=card.stem,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    return load_teacher(card)

@@ -21,18 +21,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in-memory image pool the tests use too
 
-from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
+from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher, digits_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
-from shared.config import Settings, TeacherRecipe  # noqa: E402
+from shared.config import Settings  # noqa: E402
 from shared.data.digits import load_digits_split  # noqa: E402
 from shared.ensemble import Ensemble  # noqa: E402
-from shared.teacher import Teacher, load_teacher  # noqa: E402
+from shared.teacher import Teacher  # noqa: E402
 from shared.wire import LOGIT_VIEWS  # noqa: E402
 from synth_service.synthesizer import create_synthesizer  # noqa: E402
 from trainer.augment import Augment  # noqa: E402
 from trainer.engine import DearKDTrainer  # noqa: E402
-from trainer.teacher_train import train_teacher  # noqa: E402
 
 # name: (the teacher whose stages give the early features, the members whose logits are distilled, logits,
 # dearkd.ensemble_tokens)
@@ -43,17 +42,6 @@ VARIANTS = {
     "ensemble_per_teacher": ("conv", ("conv", "involution"), "stored", "per_teacher"),
     "ensemble_online": ("conv", ("conv", "involution"), "online", "average"),
 }
-
-
-def involution_teacher(s: Settings, ref: str | None) -> Teacher:
-    """The digits RedNet (`rednet_digits`), trained once and cached beside the other bench teachers."""
-    if ref is not None:
-        return bench_teacher(ref)
-    card = s.runs_dir / "teachers" / "digits_rednet_digits.json"
-    if not card.is_file():
-        train_teacher(TeacherRecipe(dataset="digits", arch="rednet_digits"), s.data, card.parent, name=card.stem,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
-    return load_teacher(card)
 
 
 def train_variant(s: Settings, teachers: dict[str, Teacher], name: str, pool, split, seed: int) -> dict:
@@ -105,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = Settings.load("digits")
     if args.steps:
         s = s.model_copy(update={"train": s.train.model_copy(update={"steps": args.steps})})
-    teachers = {"conv": bench_teacher(args.teacher), "involution": involution_teacher(s, args.involution)}
+    teachers = {"conv": bench_teacher(args.teacher), "involution": digits_teacher("rednet_digits", args.involution)}
     started = time.perf_counter()
     with create_synthesizer(teachers["conv"], s.synth) as engine:
         pool = engine.synthesize_classes(list(range(teachers["conv"].card.num_classes)), args.per_class, seed=0)

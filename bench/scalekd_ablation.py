@@ -23,16 +23,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in-memory image pool the tests use too
 
-from bench.bench_teacher import bench_teacher  # noqa: E402
+from bench.bench_teacher import bench_teacher, digits_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
-from shared.config import ScaleKDConfig, Settings, TeacherRecipe, TrainConfig  # noqa: E402
+from shared.config import ScaleKDConfig, Settings, TrainConfig  # noqa: E402
 from shared.data.digits import load_digits_split  # noqa: E402
 from shared.data.splits import stratified_subset, unit_to_uint8  # noqa: E402
-from shared.teacher import Teacher, load_teacher  # noqa: E402
+from shared.teacher import Teacher  # noqa: E402
 from synth_service.synthesizer import create_synthesizer  # noqa: E402
 from trainer.scalekd import ScaleKDTrainer  # noqa: E402
-from trainer.teacher_train import train_teacher  # noqa: E402
 
 VIT_TEACHER = "vit_nano_patch2_16"
 # What each row changes in the ScaleKD settings: plain KD keeps only the logit and label terms.
@@ -48,16 +47,6 @@ STUDENTS = ("resnet8", "mixer_nano_patch2_16", "vit_nano_patch2_16")
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def vit_teacher(s: Settings, ref: str | None) -> Teacher:
-    """The digits ViT teacher, trained once and cached beside the other bench teachers."""
-    if ref is not None:
-        return bench_teacher(ref)
-    card = s.runs_dir / "teachers" / f"digits_{VIT_TEACHER}.json"
-    if not card.is_file():
-        train_teacher(TeacherRecipe(dataset="digits", arch=VIT_TEACHER), s.data, card.parent, name=card.stem, log=log)
-    return load_teacher(card)
 
 
 def training_images(s: Settings, args: argparse.Namespace, split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"bench: unknown row or student {unknown} (rows: {', '.join(ROWS)}; students: "
                  f"{', '.join(STUDENTS)}), --seeds below 1, or --fraction outside (0, 1]")
     s = Settings.load("digits")
-    teacher = vit_teacher(s, args.teacher)
+    teacher = digits_teacher(VIT_TEACHER, args.teacher)
     split = load_digits_split(s.data.digits_size)
     images, labels = training_images(s, args, split)
     train = s.train.model_copy(update={"steps": args.steps, "batch_size": args.batch, "lr": args.lr,
