@@ -12,6 +12,7 @@ import pytest
 from shared.config import TeacherRecipe
 from shared.data.digits import load_digits_split
 from shared.models import create_model
+from shared.teacher import load_teacher
 from shared.weights import load_weights
 from trainer.imagefolder_export import export_digits
 from trainer.teacher_train import train_teacher
@@ -46,6 +47,7 @@ def test_scalekd_trains_a_mixer_from_a_vit_teacher_on_real_digits_and_resumes(di
                            eval_set=(split.x_test, split.y_test), log=logs.append)
     assert summary["step"] == 20 and summary["real_seen"] == 20 * 32 and summary["synthetic_seen"] == 0
     assert summary["teacher_calls"] == 20 and 0 <= summary["eval_top1"] <= 1
+    assert summary["ensemble"] == [load_teacher(vit_card).card.name]  # the teacher distilled, not the CNN
     assert any("ScaleKD: mixer_nano_patch2_16 from the ViT teacher" in m for m in logs)
     assert any("spatial_tpp" in m and "frequency_final" in m for m in logs)  # every term is logged
     student = create_model("mixer_nano_patch2_16", num_classes=10, in_chans=1)

@@ -1,6 +1,7 @@
 """The orthonormal 2-D DCT-II over a map's last two axes, and DC removal for ScaleKD's frequency view."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -15,16 +16,22 @@ def dct_matrix(n: int, device: torch.device | str | None = None, dtype: torch.dt
     return d.to(device=device, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=32)
+def _shared_dct_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One matrix per size, device and dtype, built once: the loss transforms every step. Read-only."""
+    return dct_matrix(n, device, dtype)
+
+
 def dct2(x: torch.Tensor) -> torch.Tensor:
     """DCT-II of [..., H, W] over H and W."""
     h, w = x.shape[-2:]
-    return dct_matrix(h, x.device, x.dtype) @ x @ dct_matrix(w, x.device, x.dtype).T
+    return _shared_dct_matrix(h, x.device, x.dtype) @ x @ _shared_dct_matrix(w, x.device, x.dtype).T
 
 
 def idct2(c: torch.Tensor) -> torch.Tensor:
     """The inverse of `dct2` (the matrices are orthonormal, so it is their transpose)."""
     h, w = c.shape[-2:]
-    return dct_matrix(h, c.device, c.dtype).T @ c @ dct_matrix(w, c.device, c.dtype)
+    return _shared_dct_matrix(h, c.device, c.dtype).T @ c @ _shared_dct_matrix(w, c.device, c.dtype)
 
 
 def remove_dc(x: torch.Tensor) -> torch.Tensor:

@@ -486,11 +486,10 @@ def inspect_batch(path: Path | str) -> BatchSummary:
 def read_batch(path: Path | str) -> StoredBatch:
     """One stored npz, without a SyntheticStore (e.g. another tool reading a copied store)."""
     with np.load(path, allow_pickle=False) as z:
-        meta = z["meta"].item()
-        header = json.loads(meta)
+        header = json.loads(z["meta"].item())  # parsed once: the dict is returned, the model checks it
         return StoredBatch(batch_id=header["batch_id"], images=z["images"], labels=z["labels"],
                            logits=_stored_logits(z), header=header, position=int(z["position"]),
-                           **logit_names(BatchHeader.model_validate_json(meta)))
+                           **logit_names(BatchHeader.model_validate(header)))
 
 
 def _stored_logits(z) -> np.ndarray | None:

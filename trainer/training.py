@@ -140,15 +140,16 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
            log: Callable[[str], None], ctx: DistributedContext, device: torch.device) -> dict:
     cfg, card = settings.train, teacher.card
     scalekd = cfg.recipe == "scalekd"
+    student, ensemble, stored = None, None, False  # ScaleKD builds its own student and has no ensemble
     if scalekd:
         check_scalekd(settings, ctx)
-    student = settings.student.for_teacher(card)  # first: a student that cannot take the teacher's images is an error
-    ensemble = Ensemble.load(teacher, settings.ensemble)
-    distils = settings.dearkd.stage1_fraction > 0
-    # What the publisher sends too: one distillation token per member under per_teacher.
-    student = student_for_ensemble(student, settings.dearkd, len(ensemble.members) if distils else 1)
-    stored = cfg.teacher_logits == "stored" or (cfg.teacher_logits == "auto" and bool(settings.ensemble))
-    stored = stored and not scalekd
+    else:
+        student = settings.student.for_teacher(card)  # first: a student that cannot take the images is an error
+        ensemble = Ensemble.load(teacher, settings.ensemble)
+        # What the publisher sends too: one distillation token per member under per_teacher.
+        student = student_for_ensemble(student, settings.dearkd,
+                                       len(ensemble.members) if settings.dearkd.stage1_fraction > 0 else 1)
+        stored = cfg.teacher_logits == "stored" or (cfg.teacher_logits == "auto" and bool(settings.ensemble))
     if not ctx.is_main:
         log = _rank_log(log, ctx.rank)
     out = ctx.rank_dir(cfg.out_dir)
@@ -158,7 +159,7 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
     # One contract for the stream and the store: only batches this teacher's student can train on get in.
     # A trainer that distils an ensemble (or stored logits) refuses batches carrying another ensemble's logits.
     contract = BatchContract.from_stream(settings.stream, card,
-                                         ensemble.fingerprints if stored or settings.ensemble else None)
+                                         ensemble.fingerprints if ensemble and (stored or settings.ensemble) else None)
     store = SyntheticStore(ctx.rank_dir(cfg.store_dir), contract)
     for batch_id, reason in store.quarantined:
         log(f"store: batch {batch_id!r} quarantined to {store.quarantine_dir}: {reason}")
@@ -191,10 +192,13 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
     if scalekd:
         vit = load_teacher(settings.scalekd.teacher) if settings.scalekd.teacher is not None else teacher
         trainer = ScaleKDTrainer(settings.scalekd, cfg, vit.model, vit.card, card, device)
+        teachers = [vit.card.name]
         log(f"ScaleKD: {settings.scalekd.student} from the ViT teacher {vit.card.name!r}")
     else:
+        distils = settings.dearkd.stage1_fraction > 0
         trainer = DearKDTrainer(student, settings.dearkd, cfg, teacher.model if distils else None, device,
                                 distributed=ctx.enabled, ensemble=ensemble if distils else None)
+        teachers = ensemble.names
 
     checkpoint = find_checkpoint(out)
     if checkpoint is not None:
@@ -270,5 +274,5 @@ def _train(settings: Settings, teacher: Teacher, eval_set: tuple[torch.Tensor, t
     return {"step": trainer.step, "eval_top1": evaluation.get("top1"),
             "eval_images": len(eval_set[1]) if eval_set is not None else None, "seconds": time.perf_counter() - started,
             "real_seen": mix.real_seen, "synthetic_seen": mix.synthetic_seen, "teacher_calls": trainer.teacher_calls,
-            "online_logit_rows": trainer.online_logit_rows, "ensemble": ensemble.names,
+            "online_logit_rows": trainer.online_logit_rows, "ensemble": teachers,
             "out": str(cfg.out_dir), "rank": ctx.rank, "world_size": ctx.world_size}
