@@ -8,13 +8,14 @@ last saved images) and `--stages` runs some of them:
     pools      di, bpid, adi (a ResNet-8 student in the loop, its KD rounds inside the budget), generator, and
                generator_adi (the generator with ADI's competition term against a ResNet-8 in the loop):
                --budget-min minutes of synthesis each; figures by the teacher and by the verifier; a grid PNG each
-    kd         ResNet-8 by logit KD, --kd-steps steps on each pool (crop, flip and --kd-mix), and on the real bound:
-               as many real training images as the best pool, the same steps
+    kd         ResNet-8 by KD on the teacher's logits and stage features (--kd-features), --kd-steps steps on each
+               pool (crop, flip and --kd-mix), and on the real bound: as many real training images as the best pool,
+               the same steps and recipe
     vit        on the best pool (by the ResNet-8's validation top-1): DearKD and DeiT-style logit distillation into
                one ViT; DearKD on as many real images as its bound
     table      one JSON line in --out, and a markdown table on stderr
 
-    DFKD_DATA__CIFAR10_DIR=/path/to/cifar10 python bench/cifar10_cpu.py           # everything, about 3 h on 2 cores
+    DFKD_DATA__CIFAR10_DIR=/path/to/cifar10 python bench/cifar10_cpu.py           # everything, about 4 h on 2 cores
     DFKD_DATA__CIFAR10_DIR=/path/to/cifar10 python bench/cifar10_cpu.py --quick   # tiny budgets: the plumbing
 
 Choices are made on the validation split (the best pool, and every setting here); the test split is reported only.
@@ -61,12 +62,13 @@ STAGES = ("verifier", "pools", "kd", "vit", "table")
 STAGE_BUDGET = {"verifier": ("verifier_epochs",),
                 "pools": ("pool_seconds", "batch", "iterations", "competition", "adi_steps", "generator_warmup",
                           "generator_steps"),
-                "kd": ("kd_steps", "kd_batch", "kd_mix"), "vit": ("vit_steps", "vit_batch")}
+                "kd": ("kd_steps", "kd_batch", "kd_mix", "kd_features"), "vit": ("vit_steps", "vit_batch")}
 METHODS = ("di", "bpid", "adi", "generator", "generator_adi")
 # Methods with a ResNet-8 trained between batches inside the budget, whose disagreement with the teacher they raise.
 STUDENT_IN_LOOP = ("adi", "generator_adi")
 KD_MIXES = ("none", "mixup", "cutmix")
 DEFAULT_KD_MIX = "cutmix"  # chosen on the validation split (docs/benchmarks.md)
+DEFAULT_KD_FEATURES = 30.0  # chosen on the validation split of the di pool (docs/benchmarks.md)
 # What each method changes in the synthesis settings below: DI has no BPID or competition term, ADI competes.
 METHOD_CHANGES: dict[str, dict[str, Any]] = {
     "di": dict(diversity=0.0, boundary=0.0, competition=0.0),
@@ -91,6 +93,7 @@ class Budget:
     kd_steps: int
     kd_batch: int
     kd_mix: str               # mixes two images of a KD batch (p 0.8); the teacher labels the mixed view
+    kd_features: float        # weight of the stage-feature mimicking term in KD (0: logits only)
     vit_steps: int
     vit_batch: int
     verifier_epochs: int | None
@@ -101,11 +104,13 @@ class Budget:
 def budget_for(args: argparse.Namespace) -> Budget:
     if args.quick:
         return Budget(pool_seconds=4, batch=20, iterations=4, competition=1.0, adi_steps=2, generator_warmup=2,
-                      generator_steps=1, kd_steps=6, kd_batch=32, kd_mix=args.kd_mix, vit_steps=4, vit_batch=16,
+                      generator_steps=1, kd_steps=6, kd_batch=32, kd_mix=args.kd_mix,
+                      kd_features=args.kd_features, vit_steps=4, vit_batch=16,
                       verifier_epochs=1, train_limit=2000, eval_limit=300)
     return Budget(pool_seconds=60 * args.budget_min, batch=100, iterations=args.iterations,
                   competition=args.competition, adi_steps=args.adi_steps, generator_warmup=300,
                   generator_steps=10, kd_steps=args.kd_steps, kd_batch=128, kd_mix=args.kd_mix,
+                  kd_features=args.kd_features,
                   vit_steps=args.vit_steps, vit_batch=64, verifier_epochs=None, train_limit=None, eval_limit=None)
 
 
@@ -248,17 +253,36 @@ class PoolFile:
 class KDLearner:
     """A student distilled from the teacher's logits on augmented views of uint8 images (crop + flip, T = 4), two
     of them mixed (mixup, or CutMix's pasted box) in 80 % of the batches: the teacher labels every view it sees, so
-    mixing makes new inputs out of a small pool."""
+    mixing makes new inputs out of a small pool.
+
+    With `features` > 0 the student also mimics the teacher's stage outputs (FitNets-style, through a 1x1 conv + BN
+    per stage, the MSE scaled by the teacher map's energy): a map carries far more of the teacher's answer per image
+    than ten logits, which matters most when the images are few."""
 
     def __init__(self, arch: str, teacher: nn.Module, run: Run, steps: int, lr: float = 0.05, seed: int = 0,
-                 schedule: bool = True, mix: str = "none"):
+                 schedule: bool = True, mix: str = "none", features: float = 0.0):
         torch.manual_seed(seed)
         card = run.teacher.card
         self.student = create_model(arch, num_classes=card.num_classes, in_chans=card.in_chans)
         self.student = self.student.to(memory_format=torch.channels_last)
         self.teacher = teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.mean, self.std, self.gen = run.mean, run.std, torch.Generator().manual_seed(seed)
-        self.opt = torch.optim.SGD(self.student.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        self.features = features
+        self.connectors = nn.ModuleList()
+        if features > 0:
+            probe = torch.zeros(1, card.in_chans, card.image_size, card.image_size)
+            with torch.no_grad():
+                s_maps = self.student.forward_intermediates(probe, intermediates_only=True)
+                t_maps = self.teacher.forward_intermediates(probe, intermediates_only=True)
+            if [m.shape[-2:] for m in s_maps] != [m.shape[-2:] for m in t_maps]:
+                raise ValueError(f"feature mimicking needs a student whose stages match the teacher's: {arch} gives "
+                                 f"{[tuple(m.shape[1:]) for m in s_maps]}, the teacher "
+                                 f"{[tuple(m.shape[1:]) for m in t_maps]}")
+            widths = [(sm.shape[1], tm.shape[1]) for sm, tm in zip(s_maps, t_maps)]
+            self.connectors = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct)) for cs, ct in widths)
+        params = list(self.student.parameters()) + list(self.connectors.parameters())
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
         self.sched = (torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=steps, pct_start=0.15)
                       if schedule else None)
         self.bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -279,19 +303,42 @@ class KDLearner:
         x[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
         return x
 
+    def mimic(self, s_maps: list[torch.Tensor], t_maps: list[torch.Tensor]) -> torch.Tensor:
+        """Mean over stages of the connector's MSE to the teacher map, relative to that map's energy."""
+        return sum(F.mse_loss(c(sm).float(), tm.float()) / tm.float().pow(2).mean().clamp_min(1e-6)
+                   for c, sm, tm in zip(self.connectors, s_maps, t_maps, strict=True)) / len(t_maps)
+
+    @torch.no_grad()
+    def feature_gap(self, images: torch.Tensor) -> float:
+        """The mimicking term on uint8 `images` as they are (eval mode): how far the student's maps are."""
+        x = ((images.float() / 255.0 - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        self.connectors.eval()
+        return float(self.mimic(self.student.eval().forward_intermediates(x, intermediates_only=True),
+                                self.teacher.forward_intermediates(x, intermediates_only=True)))
+
     def train(self, images: torch.Tensor, steps: int, batch: int, temperature: float = 4.0) -> float:
         self.student.requires_grad_(True).train()  # an ADI engine froze it between rounds
+        self.connectors.train()
         total = 0.0
         for _ in range(steps):
             idx = torch.randint(0, len(images), (batch,), generator=self.gen)
             x = self.mixed(random_crop_flip(images[idx].float().div_(255.0), 4, True, self.gen))
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                with torch.no_grad():
-                    t = self.teacher(x).float()
-                s = self.student(x).float()
+                if self.features > 0:
+                    with torch.no_grad():
+                        t_final, t_maps = self.teacher.forward_intermediates(x)
+                        t = self.teacher.forward_head(t_final).float()
+                    s_final, s_maps = self.student.forward_intermediates(x)
+                    s = self.student.forward_head(s_final).float()
+                    mimic = self.mimic(s_maps, t_maps)
+                else:
+                    with torch.no_grad():
+                        t = self.teacher(x).float()
+                    s = self.student(x).float()
+                    mimic = 0.0
             loss = F.kl_div(F.log_softmax(s / temperature, 1), F.softmax(t / temperature, 1),
-                            reduction="batchmean") * temperature ** 2
+                            reduction="batchmean") * temperature ** 2 + self.features * mimic
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -396,16 +443,19 @@ def pool_images(run: Run, method: str) -> tuple[torch.Tensor, torch.Tensor]:
 def kd_student(run: Run, images: torch.Tensor) -> dict:
     b = run.budget
     t0 = time.perf_counter()
-    learner = KDLearner("resnet8", load_teacher(run.teacher_card).model, run, steps=b.kd_steps, mix=b.kd_mix)
+    learner = KDLearner("resnet8", load_teacher(run.teacher_card).model, run, steps=b.kd_steps, mix=b.kd_mix,
+                        features=b.kd_features)
     loss = learner.train(images, b.kd_steps, b.kd_batch)
     return {"images": len(images), "steps": b.kd_steps, "batch": b.kd_batch, "mix": b.kd_mix,
+            "features": b.kd_features,
             "final_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)} | run.score(learner.student)
 
 
 def kd_name(run: Run, source: str) -> str:
-    """The KD result of a pool (or "real"): other mixes than the default keep their own files, to compare on val."""
-    mix = run.budget.kd_mix
-    return f"kd_{source}" if mix == DEFAULT_KD_MIX else f"kd_{source}_{mix}"
+    """The KD result of a pool (or "real"): other recipes than the default keep their own files, to compare on val."""
+    b = run.budget
+    return f"kd_{source}" + ("" if b.kd_mix == DEFAULT_KD_MIX else f"_{b.kd_mix}") + \
+        ("" if b.kd_features == DEFAULT_KD_FEATURES else f"_features{b.kd_features:g}")
 
 
 def best_pool(kd: dict) -> str:
@@ -544,6 +594,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-mix", choices=KD_MIXES, default=DEFAULT_KD_MIX,
                    help="how two images of a KD batch are mixed (p 0.8); other mixes than the default keep their own "
                         "result files, so they can be compared on the validation split")
+    p.add_argument("--kd-features", type=float, default=DEFAULT_KD_FEATURES,
+                   help="weight of the stage-feature mimicking term in KD (0: logits only); like --kd-mix, values "
+                        "other than the default keep their own result files")
     p.add_argument("--vit-steps", type=int, default=3000, help="ViT steps (batch 64)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing in a minute")
     p.add_argument("--out", help="result JSON (default: bench/results/cifar10_cpu.json; --quick: in --work)")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,7 +42,7 @@ def test_every_stage_runs_caches_and_reports(tmp_path):
         kd = out["kd_resnet8"][method]
         assert kd["images"] == pool["images"] and kd["steps"] == 6 and 0 <= kd["test_top1"] <= 1
     assert all(out["pools"][m]["warmup_seconds"] is not None for m in ("generator", "generator_adi"))
-    assert {kd["mix"] for kd in out["kd_resnet8"].values()} == {"cutmix"}
+    assert {(kd["mix"], kd["features"]) for kd in out["kd_resnet8"].values()} == {("cutmix", 30.0)}
     best = max(("di", "bpid", "adi", "generator", "generator_adi"), key=lambda m: out["kd_resnet8"][m]["val_top1"])
     assert out["kd_resnet8"]["real"]["as_many_as"] == best
     assert out["kd_resnet8"]["real"]["images"] == out["pools"][best]["images"]
@@ -89,3 +90,56 @@ def test_a_stage_before_its_inputs_and_a_result_of_other_settings_are_refused(tm
     (tmp_path / "verifier.json").write_text(json.dumps({"card": "x.json", "settings": {"teacher": "another"}}))
     res = run_bench(tmp_path, "--stages", "verifier")
     assert res.returncode != 0 and "was made with other settings (" in res.stderr and "teacher" in res.stderr
+
+
+def test_feature_mimicking_pulls_the_students_stage_maps_to_the_teachers():
+    """`--kd-features`: the ResNet-8's three stage maps are driven towards the ResNet-20's (widths 16/32/64 both),
+    and a student whose stages do not line up with the teacher's is refused by name."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from bench.cifar10_cpu import KDLearner
+    from shared.teacher import load_teacher
+
+    teacher = load_teacher(TEACHER)
+    card = teacher.card
+    run = SimpleNamespace(teacher=teacher, mean=torch.tensor(card.mean).view(1, -1, 1, 1),
+                          std=torch.tensor(card.std).view(1, -1, 1, 1))
+    images = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    learner = KDLearner("resnet8", teacher.model, run, steps=40, features=3.0)
+    assert len(learner.connectors) == 3
+    before = learner.feature_gap(images)
+    learner.train(images, 40, 32)
+    after = learner.feature_gap(images)
+    assert after < 0.7 * before, (before, after)
+    assert len(KDLearner("resnet8", teacher.model, run, steps=1).connectors) == 0  # logits only by default
+    with pytest.raises(ValueError, match="stages match the teacher's: resnet18_cifar"):
+        KDLearner("resnet18_cifar", teacher.model, run, steps=1, features=1.0)
+
+
+def test_the_kd_sweep_scores_each_weight_and_refuses_a_pool_of_other_settings(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DFKD_")}
+    env["DFKD_DATA__CIFAR10_DIR"] = str(CIFAR_COPY)
+
+    def sweep(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "bench/cifar10_kd_sweep.py", "--quick", "--work", str(tmp_path),
+                               *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    res = sweep("--features", "0,30")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(r["data"], r["features"]) for r in rows] == [("di", 0.0), ("di", 30.0)]
+    assert all(r["images"] >= 20 and 0 <= r["val_top1"] <= 1 and 0 <= r["test_top1"] <= 1 for r in rows)
+    real = sweep("--features", "30", "--real")  # the pool is read back, not made again
+    assert real.returncode == 0 and json.loads(real.stdout)["data"] == "real", real.stderr[-3000:]
+    assert json.loads(real.stdout)["images"] == rows[0]["images"] and "di pool:" not in real.stderr
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    bad = sweep("--features", "x")
+    assert bad.returncode != 0 and "comma-separated numbers" in bad.stderr
+
+    from safetensors.torch import load_file, save_file
+
+    pool = tmp_path / "di_quick.safetensors"  # a pool of another teacher or budget is never reused
+    save_file(load_file(pool), str(pool), metadata={"settings": json.dumps({"teacher": "another"})})
+    stale = sweep("--features", "0")
+    assert stale.returncode != 0 and "was made with other settings" in stale.stderr and "Traceback" not in stale.stderr
