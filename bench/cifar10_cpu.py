@@ -271,9 +271,10 @@ class KDLearner:
         self.connectors = nn.ModuleList()
         if features > 0:
             probe = torch.zeros(1, card.in_chans, card.image_size, card.image_size)
-            with torch.no_grad():
-                s_maps = self.student.forward_intermediates(probe, intermediates_only=True)
+            with torch.no_grad():  # in eval mode: a probe must not move the new student's BN statistics
+                s_maps = self.student.eval().forward_intermediates(probe, intermediates_only=True)
                 t_maps = self.teacher.forward_intermediates(probe, intermediates_only=True)
+            self.student.train()
             if [m.shape[-2:] for m in s_maps] != [m.shape[-2:] for m in t_maps]:
                 raise ValueError(f"feature mimicking needs a student whose stages match the teacher's: {arch} gives "
                                  f"{[tuple(m.shape[1:]) for m in s_maps]}, the teacher "
