@@ -227,18 +227,20 @@ class PoolFile:
         self.meta: dict[str, Any] = {"seconds": 0.0, "batches": 0, "done": False}
         if self.path.is_file() and self.meta_path.is_file():
             tensors = load_file(self.path)
-            self.parts = {k: [tensors[k]] for k in self.KEYS}
+            self.parts = {k: [tensors[k]] if k in tensors else [] for k in self.KEYS}
             self.meta = json.loads(self.meta_path.read_text())
 
     def add(self, r: SynthResult) -> None:
+        """A batch's images and figures; the verifier's only when one scored them (the KD sweep runs without)."""
         for key, value in (("images", r.images), ("labels", r.labels), ("teacher_top1", r.teacher_top1),
                            ("teacher_features", r.features.half()), ("verifier_top1", r.verifier_top1),
-                           ("verifier_features", r.verifier_features.half())):
-            self.parts[key].append(value.contiguous())
+                           ("verifier_features", None if r.verifier_features is None else r.verifier_features.half())):
+            if value is not None:
+                self.parts[key].append(value.contiguous())
         self.meta["batches"] += 1
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: torch.cat(v) if v else torch.empty(0) for k, v in self.parts.items()}
+        return {k: torch.cat(v) for k, v in self.parts.items() if v}
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

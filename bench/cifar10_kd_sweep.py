@@ -15,36 +15,21 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import cifar10_cpu as c10  # noqa: E402
 from shared.teacher import load_teacher  # noqa: E402
-from shared.weights import save_safetensors  # noqa: E402
-from synth_service.synthesizer import create_synthesizer  # noqa: E402
 
 
-def di_pool(run: c10.Run, path: Path) -> torch.Tensor:
-    """The bench's DI pool, for its synthesis budget; made once and read back after, if made with these settings."""
-    made_with = json.dumps(run.stage_settings("pool_di"), sort_keys=True)
-    if path.is_file():
-        with safe_open(path, "pt") as f:
-            theirs = (f.metadata() or {}).get("settings")
-        if theirs != made_with:
-            raise SystemExit(f"{path} was made with other settings ({theirs}): pass another --work, or delete it")
-    else:
-        cfg = c10.synth_settings(run, "di", None)
-        labels = [i % run.teacher.card.num_classes for i in range(run.budget.batch)]
-        images, t0 = [], time.perf_counter()
-        with create_synthesizer(run.teacher, cfg, log=c10.log) as engine:
-            while time.perf_counter() - t0 < run.budget.pool_seconds or not images:
-                images.append(engine.synthesize(labels, seed=len(images)).images)
-                c10.log(f"di pool: {len(images) * len(labels)} images in {time.perf_counter() - t0:.0f}s")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors(path, {"images": torch.cat(images).contiguous()}, metadata={"settings": made_with})
-    return load_file(path)["images"]
+def di_pool(run: c10.Run) -> torch.Tensor:
+    """The bench's DI pool, made by its own pool code (resumable, refused when made with other settings) without
+    the verifier's figures, which this choice does not use."""
+    meta = run.work / "pools" / "di.json"
+    if not (meta.is_file() and json.loads(meta.read_text())["done"]):
+        c10.log(f"di pool: {run.budget.pool_seconds:.0f}s of synthesis")
+    c10.make_pool(run, "di", None)
+    return c10.pool_images(run, "di")[0]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -63,14 +48,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--features takes comma-separated numbers, got {args.features!r}")
     if any(w < 0 for w in weights):
         raise SystemExit("--features weights must be >= 0")
-    bench_args = c10.parser().parse_args(["--budget-min", str(args.budget_min), "--kd-steps", str(args.kd_steps)] +
-                                         (["--quick"] if args.quick else []))
+    bench_args = c10.parser().parse_args(["--budget-min", str(args.budget_min), "--kd-steps", str(args.kd_steps),
+                                          "--work", args.work] + (["--quick"] if args.quick else []))
     try:
         run = c10.Run(bench_args)
     except OSError as e:
         raise SystemExit(f"cifar10_kd_sweep: {e}")
     work = Path(args.work)
-    pool = di_pool(run, work / ("di_quick.safetensors" if args.quick else "di.safetensors"))
+    pool = di_pool(run)
     images = c10.real_images(run, len(pool))[0] if args.real else pool
     b, results = run.budget, []
     for weight in weights:

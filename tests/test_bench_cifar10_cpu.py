@@ -137,9 +137,7 @@ def test_the_kd_sweep_scores_each_weight_and_refuses_a_pool_of_other_settings(tm
     bad = sweep("--features", "x")
     assert bad.returncode != 0 and "comma-separated numbers" in bad.stderr
 
-    from safetensors.torch import load_file, save_file
-
-    pool = tmp_path / "di_quick.safetensors"  # a pool of another teacher or budget is never reused
-    save_file(load_file(pool), str(pool), metadata={"settings": json.dumps({"teacher": "another"})})
+    meta = tmp_path / "pools" / "di.json"  # a pool of another teacher or budget is never reused
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"budget": {"teacher": "another"}}))
     stale = sweep("--features", "0")
     assert stale.returncode != 0 and "was made with other settings" in stale.stderr and "Traceback" not in stale.stderr
