@@ -484,14 +484,21 @@ def stage_kd(run: Run) -> dict:
 
 
 def vit_settings(run: Run, variant: str) -> Settings:
-    b, s = run.budget, run.settings
-    change = VARIANTS[variant]
-    student = s.student.model_dump() | dict(embed_dim=96 if not run.args.quick else 24, depth=6, num_heads=3,
-                                             mlp_ratio=2.0, mhca_blocks=2) | change.get("student", {})
+    b = run.budget
+    return cpu_vit_settings(run.settings, b.vit_steps, b.vit_batch, 96 if not run.args.quick else 24,
+                            VARIANTS[variant])
+
+
+def cpu_vit_settings(s: Settings, steps: int, batch: int, width: int = 96, change: dict | None = None) -> Settings:
+    """The CPU-scale DearKD ViT on CIFAR-10 (6 blocks, 3 heads, patch 4, 2 MHCA blocks; soft KD at T = 4), with a
+    `bench/dearkd_ablation.py` variant's `change` applied."""
+    change = change or {}
+    student = s.student.model_dump() | dict(embed_dim=width, depth=6, num_heads=3, mlp_ratio=2.0, mhca_blocks=2) | \
+        change.get("student", {})
     dearkd = s.dearkd.model_dump() | dict(kd="soft", soft_kd_reduction="deit", temperature=4.0, alpha=0.95) | \
-         change.get("dearkd", {})
-    train = s.train.model_dump() | dict(steps=b.vit_steps, batch_size=b.vit_batch, lr=1e-3, warmup_steps=
-                                        min(100, b.vit_steps // 10), crop_padding=4, flip=True, precision="bf16")
+        change.get("dearkd", {})
+    train = s.train.model_dump() | dict(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=min(100, steps // 10),
+                                        crop_padding=4, flip=True, precision="bf16")
     return s.model_copy(update={"student": type(s.student).model_validate(student),
                                 "dearkd": type(s.dearkd).model_validate(dearkd),
                                 "train": type(s.train).model_validate(train)})

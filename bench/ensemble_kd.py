@@ -1,11 +1,17 @@
-"""LIB-KD on digits: the same DearKD ViT distilled data-free from the conv teacher alone, the involution teacher
-alone, and the conv + involution ensemble (averaged soft targets through the one distillation token, or one token
-per teacher), all on one synthetic pool that the conv teacher inverts. Logits are computed once per image and view, as the service ships them
-(`stored`), or by the teachers on every augmented view (`online`). The last line printed is one JSON object with the
-held-out real top-1 of every variant and seed.
+"""LIB-KD on digits or CIFAR-10: the same DearKD ViT distilled data-free from the conv teacher alone, the involution
+teacher alone, and the conv + involution ensemble (averaged soft targets through the one distillation token, or one
+token per teacher), all on one synthetic pool that the conv teacher inverts. Logits are computed once per image and
+view, as the service ships them (`stored`), or by the teachers on every augmented view (`online`). The last line
+printed is one JSON object with the validation and held-out (test) real top-1 of every variant and seed.
 
     python bench/ensemble_kd.py                      # 5 variants x 2 seeds on the digits preset (about 30 min)
     python bench/ensemble_kd.py --variants conv,ensemble --seeds 1 --steps 300
+    DFKD_DATA__CIFAR10_DIR=... python bench/ensemble_kd.py --dataset cifar10 --involution CARD \
+        --pool runs/cifar10_cpu/pools/di.safetensors --seeds 1
+
+On CIFAR-10 the conv teacher is the committed ResNet-20, the involution teacher a card from `dfkd teacher train
+--dataset cifar10 --arch rednet_cifar`, and the student the CPU-scale ViT of `bench/cifar10_cpu.py`. `--pool` reuses
+a pool that bench made (uint8 `images` and `labels`) instead of inverting one here.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -23,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in
 
 from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher, digits_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
+from bench.cifar10_cpu import METHOD_CHANGES, cpu_vit_settings  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from shared.config import Settings  # noqa: E402
+from shared.data.cifar10 import load_cifar10_split  # noqa: E402
 from shared.data.digits import load_digits_split  # noqa: E402
 from shared.ensemble import Ensemble  # noqa: E402
 from shared.teacher import Teacher  # noqa: E402
@@ -73,40 +83,100 @@ def train_variant(s: Settings, teachers: dict[str, Teacher], name: str, pool, sp
             trainer.train_step(*next(batches))
     seconds = time.perf_counter() - t0
     mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
-    return {"seed": seed, "heldout_top1": round(trainer.evaluate((split.x_test - mean) / std, split.y_test), 4),
+    return {"seed": seed, "val_top1": round(trainer.evaluate((split.x_val - mean) / std, split.y_val), 4),
+            "heldout_top1": round(trainer.evaluate((split.x_test - mean) / std, split.y_test), 4),
             "seconds": round(seconds, 1), "logits_seconds": round(logits_seconds, 2),
             "online_logit_rows": trainer.online_logit_rows, "members": ensemble.names}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_teachers(args: argparse.Namespace) -> dict[str, Teacher]:
+    if args.dataset == "digits":
+        return {"conv": bench_teacher(args.teacher), "involution": digits_teacher("rednet_digits", args.involution)}
+    if args.involution is None:  # about an hour of CPU: made on purpose, not on first use
+        sys.exit(f"bench: --dataset {args.dataset} needs --involution, an involution card trained on it: dfkd teacher "
+                 f"train --dataset {args.dataset} --arch rednet_cifar")
+    return {"conv": bench_teacher(args.teacher or str(ROOT / "teachers/cifar10_resnet20.json")),
+            "involution": bench_teacher(args.involution)}
+
+
+def load_split(s: Settings, args: argparse.Namespace):
+    if args.dataset == "digits":
+        return load_digits_split(s.data.digits_size)
+    if s.data.cifar10_dir is None:
+        sys.exit("bench: CIFAR-10 is needed: set DFKD_DATA__CIFAR10_DIR to a cifar-10-batches-py folder, an "
+                 "ImageFolder (train/<class>/*.png, test/...) or the npz copy")
+    split = load_cifar10_split(s.data.cifar10_dir, args.limit, args.limit)
+    split.x_val, split.y_val = split.x_val[:args.limit], split.y_val[:args.limit]
+    return split
+
+
+def read_pool(path: str, card) -> SimpleNamespace:
+    """A pool file's uint8 `images` and `labels`, checked against the conv teacher's input and classes."""
+    try:
+        t = load_file(path)
+        images, labels = t["images"], t["labels"].long()
+    except (OSError, KeyError, ValueError) as exc:
+        sys.exit(f"bench: --pool {path!r} is not a safetensors file with `images` and `labels`: {exc}")
+    want = (card.in_chans, card.image_size, card.image_size)
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != want or len(labels) != len(images) or \
+            not len(labels) or int(labels.min()) < 0 or int(labels.max()) >= card.num_classes:
+        sys.exit(f"bench: --pool {path!r} holds {tuple(images.shape)} {images.dtype} images and {len(labels)} labels; "
+                 f"the teacher needs uint8 images of {want} and labels below {card.num_classes}")
+    return SimpleNamespace(images=images, labels=labels)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", help=TEACHER_HELP)
-    p.add_argument("--involution", help="involution teacher card (default: rednet_digits, trained on first use)")
+    p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+    p.add_argument("--teacher", help=TEACHER_HELP + "; on cifar10 the committed ResNet-20")
+    p.add_argument("--involution", help="involution teacher card (default on digits: rednet_digits, trained on first "
+                                        "use; needed on cifar10)")
+    p.add_argument("--pool", help="distil on this pool file (uint8 `images`, `labels`) instead of inverting one")
     p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--steps", type=int, help="student steps (default: the digits preset's)")
+    p.add_argument("--iterations", type=int, help="inversion steps per batch (default: the preset's on digits, "
+                                                  "200 on cifar10 as in bench/cifar10_cpu.py)")
+    p.add_argument("--steps", type=int, help="student steps (default: the digits preset's; 3000 on cifar10)")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--limit", type=int, help="cifar10: read only this many training images (validation is carved "
+                                             "from them) and test images, for a quick run")
     args = p.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown or args.seeds < 1:
         sys.exit(f"bench: unknown variant(s) {unknown} (known: {', '.join(VARIANTS)}), or --seeds below 1")
-    s = Settings.load("digits")
-    if args.steps:
-        s = s.model_copy(update={"train": s.train.model_copy(update={"steps": args.steps})})
-    teachers = {"conv": bench_teacher(args.teacher), "involution": digits_teacher("rednet_digits", args.involution)}
+    if args.limit is not None and (args.dataset != "cifar10" or args.limit < 100):
+        sys.exit("bench: --limit is for --dataset cifar10, and at least 100 images")
+    s = Settings.load(args.dataset)
+    if args.dataset == "cifar10":  # the CPU-scale ViT, its recipe and the DI pool, as in bench/cifar10_cpu.py
+        s = cpu_vit_settings(s, args.steps or 3000, 64)
+        s = s.model_copy(update={"synth": s.synth.model_copy(update=METHOD_CHANGES["di"] | {
+            "batch_size": 100, "iterations": args.iterations or 200, "log_every": 10**6})})
+    elif args.steps or args.iterations:
+        s = s.model_copy(update={"train": s.train.model_copy(update={"steps": args.steps or s.train.steps}),
+                                 "synth": s.synth.model_copy(update={"iterations": args.iterations or
+                                                                     s.synth.iterations})})
+    teachers = load_teachers(args)
     started = time.perf_counter()
-    with create_synthesizer(teachers["conv"], s.synth) as engine:
-        pool = engine.synthesize_classes(list(range(teachers["conv"].card.num_classes)), args.per_class, seed=0)
-    split = load_digits_split(s.data.digits_size)
-    out = {"bench": "ensemble_kd", "teachers": {k: {"arch": t.card.arch, "test_top1": t.card.metrics.get("test_top1")}
-                                                for k, t in teachers.items()},
+    if args.pool:
+        pool = read_pool(args.pool, teachers["conv"].card)
+    else:
+        with create_synthesizer(teachers["conv"], s.synth) as engine:
+            pool = engine.synthesize_classes(list(range(teachers["conv"].card.num_classes)), args.per_class, seed=0)
+    split = load_split(s, args)
+    out = {"bench": "ensemble_kd", "dataset": args.dataset, "pool": args.pool,
+           "teachers": {k: {"arch": t.card.arch, "test_top1": t.card.metrics.get("test_top1")}
+                        for k, t in teachers.items()},
            "synthetic_images": len(pool.labels), "synth_seconds": round(time.perf_counter() - started, 1),
            "steps": s.train.steps, "batch": s.train.batch_size, "torch": torch.__version__, "commit": git_commit(),
            "device": "cpu", "results": {}}
     for name in args.variants.split(","):
         runs = [train_variant(s, teachers, name, pool, split, seed) for seed in range(args.seeds)]
         top1 = [r["heldout_top1"] for r in runs]
-        out["results"][name] = {"runs": runs, "mean_top1": round(statistics.mean(top1), 4)}
+        out["results"][name] = {"runs": runs, "mean_top1": round(statistics.mean(top1), 4),
+                                "mean_val_top1": round(statistics.mean(r["val_top1"] for r in runs), 4)}
         print(name, out["results"][name], file=sys.stderr, flush=True)
     print(json.dumps(out))
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,49 @@ def test_ensemble_kd_prints_its_json_line(digits_teacher, verifier_card, teacher
     assert out["ensemble"]["runs"][0]["online_logit_rows"] == 0 and out["ensemble_online"]["runs"][0][
         "online_logit_rows"] > 0
     assert out["ensemble_per_teacher"]["runs"][0]["online_logit_rows"] == 0
+
+
+def test_ensemble_kd_on_cifar10_says_what_it_needs():
+    res = subprocess.run([sys.executable, "bench/ensemble_kd.py", "--dataset", "cifar10"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "needs --involution" in res.stderr and "rednet_cifar" in res.stderr
+
+
+@pytest.mark.slow  # CIFAR-10 reads and an involution teacher trained: the plumbing, in a minute
+def test_ensemble_kd_runs_on_cifar10_from_a_pool_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from shared.config import Settings, TeacherRecipe
+    from shared.data.cifar10 import load_cifar10_split
+    from shared.data.splits import unit_to_uint8
+    from trainer.teacher_train import train_teacher
+
+    root = REPO.parent / "shared/data/cifar10"
+    if not (root / "train_jpeg.npz").is_file():
+        pytest.skip(f"CIFAR-10 copy not found at {root}")
+    env = {**os.environ, "DFKD_DATA__CIFAR10_DIR": str(root)}
+    bench = [sys.executable, "bench/ensemble_kd.py", "--dataset", "cifar10"]
+    data = Settings.load("cifar10", data={"cifar10_dir": root}).data
+    recipe = TeacherRecipe(dataset="cifar10", arch="rednet_cifar", epochs=1, train_limit=200, test_limit=100)
+    _, involution = train_teacher(recipe, data, tmp_path, log=lambda m: None)
+    split = load_cifar10_split(root, 200, 100)
+    pool = {"images": unit_to_uint8(split.x_train[:40]).contiguous(), "labels": split.y_train[:40]}  # real stand-ins
+    save_file(pool, tmp_path / "pool.safetensors")
+    save_file({"images": pool["images"][:4, :1].contiguous()}, tmp_path / "bad.safetensors")  # 1 channel, no labels
+    bad = subprocess.run(bench + ["--involution", str(involution), "--pool", str(tmp_path / "bad.safetensors")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "is not a safetensors file with `images` and `labels`" in bad.stderr
+
+    res = subprocess.run(bench + ["--involution", str(involution), "--pool", str(tmp_path / "pool.safetensors"),
+                                  "--variants", "conv,ensemble", "--steps", "2", "--seeds", "1", "--limit", "200"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["dataset"] == "cifar10" and out["synthetic_images"] == 40
+    assert out["teachers"]["conv"]["arch"] == "resnet20" and out["teachers"]["involution"]["arch"] == "rednet_cifar"
+    assert out["results"]["ensemble"]["runs"][0]["members"] == ["cifar10_resnet20", "cifar10_rednet_cifar"]
+    assert out["results"]["ensemble"]["runs"][0]["online_logit_rows"] == 0
+    assert all(0 <= r["mean_val_top1"] <= 1 for r in out["results"].values())
 
 
 def test_dearkd_ablation_prints_its_json_line(digits_teacher, teacher_dir):

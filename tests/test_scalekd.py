@@ -16,9 +16,6 @@ from trainer.scalekd_losses import frequency_view, spatial_view
 STUDENTS = ("resnet8", "mixer_nano_patch2_16", "vit_nano_patch2_16")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def card(name: str = "vit_nano_patch2_16", mean: float = 0.5, std: float = 0.25, size: int = 16) -> TeacherCard:
     return TeacherCard(name=name, arch=name, num_classes=10, in_chans=1, image_size=size, mean=(mean,), std=(std,),
                        class_names=[str(i) for i in range(10)])

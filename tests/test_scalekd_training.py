@@ -3,13 +3,14 @@ read by DALI, checkpoints that resume, and what the recipe does not take refused
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from shared.config import TeacherRecipe
+from shared.config import Settings, TeacherRecipe
 from shared.data.digits import load_digits_split
 from shared.models import create_model
 from shared.teacher import load_teacher
@@ -85,6 +86,39 @@ def test_the_scalekd_ablation_bench_prints_every_row(vit_card):
     bad = subprocess.run([sys.executable, "bench/scalekd_ablation.py", "--rows", "nope"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown row or student ['nope']" in bad.stderr
+
+
+CIFAR_ROOT = REPO.parent / "shared/data/cifar10"
+SCALEKD_CIFAR = [sys.executable, "bench/scalekd_ablation.py", "--dataset", "cifar10"]
+
+
+def test_the_scalekd_ablation_bench_on_cifar10_says_what_it_needs():
+    missing = subprocess.run(SCALEKD_CIFAR, cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "DFKD_DATA__CIFAR10_DIR": str(CIFAR_ROOT)})
+    assert missing.returncode != 0 and "needs --teacher" in missing.stderr and "vit_nano_patch4_32" in missing.stderr
+    wrong = subprocess.run(SCALEKD_CIFAR + ["--teacher", "any", "--students", "mixer_nano_patch2_16"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "mixer_nano_patch4_32" in wrong.stderr  # the digits Mixer is refused by name
+
+
+@pytest.mark.slow  # CIFAR-10 reads and a teacher trained: the plumbing, in a minute
+def test_the_scalekd_ablation_bench_runs_on_cifar10(tmp_path):
+    root = CIFAR_ROOT
+    if not (root / "train_jpeg.npz").is_file():
+        pytest.skip(f"CIFAR-10 copy not found at {root}")
+    env = {**os.environ, "DFKD_DATA__CIFAR10_DIR": str(root)}
+    bench = SCALEKD_CIFAR
+    recipe = TeacherRecipe(dataset="cifar10", arch="vit_nano_patch4_32", epochs=1, train_limit=400, test_limit=200)
+    _, card = train_teacher(recipe, Settings.load("cifar10", data={"cifar10_dir": root}).data, tmp_path,
+                            log=lambda m: None)
+    res = subprocess.run(bench + ["--teacher", str(card), "--rows", "kd,scalekd", "--seeds", "1", "--steps", "2",
+                                  "--batch", "8", "--limit", "400"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["dataset"] == "cifar10" and out["teacher"]["arch"] == "vit_nano_patch4_32"
+    assert set(out["results"]) == {f"{s}/{r}" for s in ("resnet8", "mixer_nano_patch4_32") for r in ("kd", "scalekd")}
+    assert out["images"] < 400  # a 20 % share of the training images left after validation
 
 
 def test_trainer_throughput_times_scalekd_against_plain_kd(digits_teacher, teacher_dir, vit_card):

@@ -11,8 +11,6 @@ from shared.config import Settings, SynthConfig
 from synth_service.engine import InversionEngine
 from synth_service.report import build_report
 
-torch.set_num_threads(1)  # tiny tensors: extra threads only contend on a shared machine
-
 
 def spy_views(engine: InversionEngine, monkeypatch) -> list[torch.Tensor]:
     """Every view the loop hands to the loss, in order."""

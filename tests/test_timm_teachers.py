@@ -34,9 +34,6 @@ FAMILIES = {
 }
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def hooks_left(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
