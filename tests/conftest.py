@@ -14,21 +14,9 @@ from trainer.teacher_train import train_teacher
 
 pytest_plugins = ["redis_fixture"]  # real Redis fixtures: redis_server, redis_client
 
-# One torch thread per test process: the tensors are small, and `./dev test` runs two processes on the cores, where
-# a second thread each would only spin against the other. Subprocesses the tests start keep their own settings.
+# One torch thread in the test process: the tensors are small, and a second thread only spins against the services
+# and trainers the tests start as subprocesses, which keep their own settings.
 torch.set_num_threads(1)
-
-SHARED_POOL = "digits_synthetic_pool"
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """`./dev test` hands whole groups to its workers (`--dist loadgroup`): a group is a test file, so its module
-    fixtures are made once, except that the files using the synthetic digits pool share one group, so it is made
-    once too."""
-    pool_files = {item.path for item in items if SHARED_POOL in getattr(item, "fixturenames", ())}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_POOL if item.path in pool_files else item.path.name))
 
 
 @pytest.fixture(scope="session")
