@@ -57,6 +57,8 @@ from trainer.engine import DearKDTrainer  # noqa: E402
 from trainer.teacher_train import evaluate, random_crop_flip, train_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_MISSING = ("CIFAR-10 is needed: set DFKD_DATA__CIFAR10_DIR to a cifar-10-batches-py folder, an ImageFolder "
+                   "(train/<class>/*.png, test/...) or the npz copy")
 STAGES = ("verifier", "pools", "kd", "vit", "table")
 # The budget fields each stage's results depend on (besides the teacher and the real images read).
 STAGE_BUDGET = {"verifier": ("verifier_epochs",),
@@ -131,8 +133,7 @@ class Run:
         self.work = Path(args.work or ("runs/cifar10_cpu_quick" if args.quick else "runs/cifar10_cpu"))
         self.settings = Settings.load("cifar10")
         if self.settings.data.cifar10_dir is None:
-            raise SystemExit("CIFAR-10 is needed: set DFKD_DATA__CIFAR10_DIR to a cifar-10-batches-py folder, an "
-                             "ImageFolder (train/<class>/*.png, test/...) or the npz copy")
+            raise SystemExit(CIFAR10_MISSING)
         self.teacher_card = Path(args.teacher)
         self.teacher = load_teacher(self.teacher_card)
         card = self.teacher.card

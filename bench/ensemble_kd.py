@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in
 
 from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher, digits_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
-from bench.cifar10_cpu import METHOD_CHANGES, cpu_vit_settings  # noqa: E402
+from bench.cifar10_cpu import CIFAR10_MISSING, METHOD_CHANGES, cpu_vit_settings  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from shared.config import Settings  # noqa: E402
@@ -106,8 +106,7 @@ def load_split(s: Settings, args: argparse.Namespace):
     if args.dataset == "digits":
         return load_digits_split(s.data.digits_size)
     if s.data.cifar10_dir is None:
-        sys.exit("bench: CIFAR-10 is needed: set DFKD_DATA__CIFAR10_DIR to a cifar-10-batches-py folder, an "
-                 "ImageFolder (train/<class>/*.png, test/...) or the npz copy")
+        sys.exit(f"bench: {CIFAR10_MISSING}")
     split = load_cifar10_split(s.data.cifar10_dir, args.limit, args.limit)
     split.x_val, split.y_val = split.x_val[:args.limit], split.y_val[:args.limit]
     return split

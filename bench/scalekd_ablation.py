@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in-memory image pool the tests use too
 
 from bench.bench_teacher import bench_teacher, digits_teacher  # noqa: E402
+from bench.cifar10_cpu import CIFAR10_MISSING  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
 from shared.config import ScaleKDConfig, Settings, TrainConfig  # noqa: E402
@@ -79,8 +80,7 @@ def load_split(s: Settings, dataset: str, limit: int | None):
     if dataset == "digits":
         return load_digits_split(s.data.digits_size)
     if s.data.cifar10_dir is None:
-        sys.exit("bench: CIFAR-10 is needed: set DFKD_DATA__CIFAR10_DIR to a cifar-10-batches-py folder, an "
-                 "ImageFolder (train/<class>/*.png, test/...) or the npz copy")
+        sys.exit(f"bench: {CIFAR10_MISSING}")
     return load_cifar10_split(s.data.cifar10_dir, limit, limit)
 
 
