@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,23 @@ pytest_plugins = ["redis_fixture"]  # real Redis fixtures: redis_server, redis_c
 torch.set_num_threads(1)
 
 
+@contextmanager
+def all_torch_threads() -> Iterator[None]:
+    """Every core for work that runs in this process alone (no service or trainer subprocess beside it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def all_cores() -> Iterator[None]:
+    with all_torch_threads():
+        yield
+
+
 @pytest.fixture(scope="session")
 def digits_settings() -> Settings:
     """The shipped digits preset: what the demo runs is what the tests check."""
@@ -33,8 +53,9 @@ def teacher_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_teacher_run(digits_settings, teacher_dir) -> tuple[Teacher, float]:
     started = time.perf_counter()
-    _, card_path = train_teacher(digits_settings.teacher_train, digits_settings.data, teacher_dir,
-                                 name="digits_cnn", log=lambda m: None)
+    with all_torch_threads():
+        _, card_path = train_teacher(digits_settings.teacher_train, digits_settings.data, teacher_dir,
+                                     name="digits_cnn", log=lambda m: None)
     return load_teacher(card_path), time.perf_counter() - started
 
 
@@ -47,7 +68,9 @@ def digits_teacher(digits_teacher_run) -> Teacher:
 def digits_verifier(digits_settings, teacher_dir) -> Teacher:
     """A different architecture (5x5 convs, no BatchNorm) trained on the same real digits."""
     recipe = TeacherRecipe(dataset="digits", arch="digits_lenet")
-    _, card_path = train_teacher(recipe, digits_settings.data, teacher_dir, name="digits_lenet", log=lambda m: None)
+    with all_torch_threads():
+        _, card_path = train_teacher(recipe, digits_settings.data, teacher_dir, name="digits_lenet",
+                                     log=lambda m: None)
     return load_teacher(card_path)
 
 
@@ -64,5 +87,5 @@ def digits_synthetic_pool(digits_teacher, digits_settings):
     """500 synthetic digits (50 per class) from the shipped preset, shared by the quality tests."""
     from synth_service.engine import InversionEngine
 
-    with InversionEngine(digits_teacher, digits_settings.synth) as engine:
+    with all_torch_threads(), InversionEngine(digits_teacher, digits_settings.synth) as engine:
         return engine.synthesize_classes(list(range(10)), 50, seed=0, return_logits=True)

@@ -12,6 +12,8 @@ from trainer.teacher_train import evaluate
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_COPY = REPO.parent / "shared" / "data" / "cifar10"  # optional, beside the repo
 
+pytestmark = pytest.mark.usefixtures("all_cores")  # inference on the test split, in this process alone
+
 
 def test_the_cifar10_resnet20_teacher_loads_and_scores_its_card():
     teacher = load_teacher(REPO / "teachers" / "cifar10_resnet20.json")

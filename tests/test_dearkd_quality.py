@@ -9,6 +9,7 @@ from trainer.imagefolder_export import export_digits
 from trainer.training import run_training
 from trainer.store import SyntheticStore
 
+pytestmark = pytest.mark.usefixtures("all_cores")  # each test trains in this process alone
 
 def settings_with(base, tmp_path, **train):
     cfg = type(base.train).model_validate(base.train.model_dump() | {"out_dir": tmp_path / "run",

@@ -12,6 +12,7 @@ from synth_service.report import mean_diversity
 from logit_kd import distill_logits
 from trainer.teacher_train import evaluate
 
+pytestmark = pytest.mark.usefixtures("all_cores")  # every test computes in this process alone
 
 
 def test_digits_teacher_is_accurate(digits_teacher_run):

@@ -41,6 +41,7 @@ def figures(arrays: list[dict[str, np.ndarray]]) -> dict[str, float]:
             "confidence": float(np.concatenate([a["teacher_confidence"] for a in arrays]).mean())}
 
 
+@pytest.mark.usefixtures("all_cores")  # the service runs in this process alone
 def test_a_lone_single_class_request_gets_full_batch_quality(digits_settings, digits_teacher, verifier_card):
     """As `dfkd serve --config digits` runs (engine batches of 100). Paired by seed: image k of class c starts from
     the same noise alone and inside the full-batch request."""
