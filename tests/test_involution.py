@@ -28,6 +28,34 @@ def test_involution_matches_the_unfold_reference(k, stride, groups, size):
     torch.testing.assert_close(involution(x, kernels, k, stride), unfold_reference(x, kernels, k, stride))
 
 
+@pytest.mark.parametrize("k,stride,groups,size", [(3, 1, 1, 6), (5, 2, 4, 7)])
+def test_the_hand_written_backward_matches_autograd_of_the_reference(k, stride, groups, size):
+    g = torch.Generator().manual_seed(k + size)
+    x = torch.randn(2, 8, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+    out_size = (size - 1) // stride + 1
+    kernels = torch.randn(2, groups * k * k, out_size, out_size, generator=g, dtype=torch.float64,
+                          requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: involution(a, b, k, stride), (x, kernels))
+    upstream = torch.randn(2, 8, out_size, out_size, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(involution(x, kernels, k, stride), (x, kernels), upstream)
+    reference = torch.autograd.grad(unfold_reference(x, kernels, k, stride), (x, kernels), upstream)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b)
+
+
+def test_mixed_dtypes_under_bf16_autocast_give_gradients_in_each_inputs_dtype():
+    layer = Involution2d(16, kernel_size=3)
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels = layer.span(layer.reduce(x))  # bf16 from the 1x1 convs, against an fp32 input
+        kernels.retain_grad()
+        out = involution(x, kernels, 3)
+    assert kernels.dtype == torch.bfloat16 and out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.dtype == torch.float32 and kernels.grad.dtype == torch.bfloat16
+    assert layer.span.weight.grad.abs().sum() > 0
+
+
 def test_a_kernel_shared_by_every_pixel_and_channel_is_a_depthwise_convolution():
     x = torch.randn(1, 6, 10, 10, dtype=torch.float64)
     kernel = torch.randn(3, 3, dtype=torch.float64)

@@ -3,13 +3,17 @@ bounded error bodies, a responsive /healthz, production settings that can never 
 the token on every route, and job results within a byte budget."""
 from __future__ import annotations
 
+import gc
+import math
 import os
 import threading
 import time
+import tracemalloc
 from contextlib import contextmanager
 
 import httpx
 import pytest
+import torch
 from fastapi.routing import APIRoute
 
 from synth_service.app import create_app
@@ -26,13 +30,6 @@ def cpu_seconds(stat_path: str) -> float:
     """User + system CPU time so far of a process (/proc/<pid>/stat) or a thread (/proc/self/task/<tid>/stat)."""
     fields = open(stat_path).read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc status")
 
 
 @contextmanager
@@ -139,41 +136,59 @@ def test_every_route_but_healthz_needs_the_token(digits_settings, digits_teacher
             assert httpx.get(f"{live.url}/openapi.json", headers=AUTH).status_code == 200
 
 
-def test_job_results_stay_within_their_byte_budget(card_path, tmp_path):
-    """20 jobs, each fetched (its zip kept for later fetches): beyond the budget the oldest are evicted (410).
+def image_tensor_bytes(image_shape: tuple[int, ...]) -> int:
+    """Bytes of every uint8 image batch alive in this process (torch tensors are tracked by the collector)."""
+    gc.collect()
+    return sum(o.nbytes for o in gc.get_objects()
+               if isinstance(o, torch.Tensor) and o.dtype == torch.uint8 and tuple(o.shape[1:]) == image_shape)
 
-    A job's zip is about 1.8 MB, so holding on to every result would lift the service's resident floor by about
-    22 MB between jobs 4-8 and 16-20, well beyond the 10 MB the test allows."""
-    jobs, images_per_job, budget = 20, 4000, 4 * MB
-    # Two malloc arenas keep glibc's per-thread arenas from adding their own swings.
-    with serve(card_path, tmp_path, DFKD_SERVICE__MAX_BATCH="250", DFKD_SERVICE__JOB_RETENTION_BYTES=str(budget),
-               DFKD_SERVICE__MAX_QUEUE_IMAGES="4000", MALLOC_ARENA_MAX="2") as (url, proc):
-        body = {"class_ids": list(range(10)), "per_class": images_per_job // 10, "iterations": 1, "format": "zip"}
-        ids, memory = [], []
-        for i in range(jobs):
-            res = httpx.post(f"{url}/v1/jobs", json=body, headers=AUTH)
-            assert res.status_code == 202, res.text
-            ids.append(res.json()["job_id"])
-            deadline = time.monotonic() + 120
-            while httpx.get(f"{url}/v1/jobs/{ids[-1]}", headers=AUTH).json()["state"] != "done":
-                assert time.monotonic() < deadline, "job did not finish"
-                time.sleep(0.05)
-            result = httpx.get(f"{url}/v1/jobs/{ids[-1]}/result", headers=AUTH, timeout=60)
-            assert result.status_code == 200 and result.content[:2] == b"PK"
-            memory.append(rss(proc.pid))
-        statuses = [httpx.get(f"{url}/v1/jobs/{job_id}", headers=AUTH) for job_id in ids]
+
+@pytest.mark.usefixtures("all_cores")  # the service runs in this process alone
+def test_job_results_stay_within_their_byte_budget(digits_settings, digits_teacher):
+    """12 jobs, each fetched as a zip (kept for later fetches): beyond the budget the oldest are evicted (410).
+
+    Counted from what the service really holds, not from its tally: the zips are Python bytes, which tracemalloc
+    traces exactly, and the raw results are uint8 tensors, which the collector lists. (The process RSS swings by
+    tens of MB with the allocator: as much as retained results would add.)"""
+    jobs, images_per_job, budget = 12, 2000, 2 * MB
+    settings = settings_for(digits_settings, max_batch=250, job_retention_bytes=budget, max_queue_images=2000)
+    card = digits_teacher.card
+    image_shape = (card.in_chans, card.image_size, card.image_size)
+    body = {"class_ids": list(range(10)), "per_class": images_per_job // 10, "iterations": 1, "format": "zip"}
+    with LiveServer(create_app(settings, teacher=digits_teacher)) as live:
+        ids, traced, zip_bytes = [], [], 0
+        tracemalloc.start()
+        try:
+            for i in range(jobs):
+                res = httpx.post(f"{live.url}/v1/jobs", json=body)
+                assert res.status_code == 202, res.text
+                ids.append(res.json()["job_id"])
+                deadline = time.monotonic() + 120
+                while httpx.get(f"{live.url}/v1/jobs/{ids[-1]}").json()["state"] != "done":
+                    assert time.monotonic() < deadline, "job did not finish"
+                    time.sleep(0.05)
+                result = httpx.get(f"{live.url}/v1/jobs/{ids[-1]}/result", timeout=60)
+                assert result.status_code == 200 and result.content[:2] == b"PK"
+                zip_bytes = len(result.content)
+                del result
+                traced.append(tracemalloc.get_traced_memory()[0])
+        finally:
+            tracemalloc.stop()
+        images_alive = image_tensor_bytes(image_shape)
+        statuses = [httpx.get(f"{live.url}/v1/jobs/{job_id}") for job_id in ids]
         codes = [s.status_code for s in statuses]
         assert codes[-1] == 200 and set(codes[:-2]) == {410}, codes
         assert "service.job_retention_bytes" in statuses[0].json()["detail"]
-        # The floor (least of five readings): readings spike by up to 60 MB while the allocator still holds a freed
-        # zip, often in two of five (a median then moves by 20 MB), but retained results lift every reading.
-        growth = min(memory[-5:]) - min(memory[3:8])
-        print(f"service RSS after each job (MB): {[round(m / MB) for m in memory]}; growth from jobs 4-8 to "
-              f"16-20: {growth / MB:.1f} MB")
-        assert growth < 10 * MB
-
-        too_big = httpx.post(f"{url}/v1/jobs", json=body | {"per_class": 2000}, headers=AUTH)
+        too_big = httpx.post(f"{live.url}/v1/jobs", json=body | {"per_class": 2000})
         assert too_big.status_code == 422 and f"over the {budget}-byte job budget" in too_big.text
+
+    # Holding every zip would add one per job: seven between jobs 3-5 and 10-12.
+    growth = min(traced[-3:]) - min(traced[2:5])
+    print(f"zip {zip_bytes / MB:.2f} MB; Python allocations after each job (MB): "
+          f"{[round(b / MB, 2) for b in traced]}; growth from jobs 3-5 to 10-12: {growth / MB:.3f} MB; "
+          f"image tensors alive after the last job: {images_alive} bytes")
+    assert zip_bytes > MB / 2 and growth < zip_bytes / 2
+    assert images_alive < images_per_job * math.prod(image_shape)  # not even one job's raw images are kept
 
 
 def test_the_engine_worker_blocks_when_production_deals_nothing(digits_settings, digits_teacher, redis_server):
