@@ -6,12 +6,12 @@ printed is one JSON object with the validation and held-out (test) real top-1 of
 
     python bench/ensemble_kd.py                      # 5 variants x 2 seeds on the digits preset (about 30 min)
     python bench/ensemble_kd.py --variants conv,ensemble --seeds 1 --steps 300
-    DFKD_DATA__CIFAR10_DIR=... python bench/ensemble_kd.py --dataset cifar10 --involution CARD \
+    DFKD_DATA__CIFAR10_DIR=... python bench/ensemble_kd.py --dataset cifar10 \
         --pool runs/cifar10_cpu/pools/di.safetensors --seeds 1
 
-On CIFAR-10 the conv teacher is the committed ResNet-20, the involution teacher a card from `dfkd teacher train
---dataset cifar10 --arch rednet_cifar`, and the student the CPU-scale ViT of `bench/cifar10_cpu.py`. `--pool` reuses
-a pool that bench made (uint8 `images` and `labels`) instead of inverting one here.
+On CIFAR-10 the teachers are the committed ResNet-20 and RedNet (`teachers/`; `--teacher` and `--involution` name
+others), and the student is the CPU-scale ViT of `bench/cifar10_cpu.py`. `--pool` reuses a pool that bench made
+(uint8 `images` and `labels`) instead of inverting one here.
 """
 from __future__ import annotations
 
@@ -95,11 +95,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_teachers(args: argparse.Namespace) -> dict[str, Teacher]:
     if args.dataset == "digits":
         return {"conv": bench_teacher(args.teacher), "involution": digits_teacher("rednet_digits", args.involution)}
-    if args.involution is None:  # about an hour of CPU: made on purpose, not on first use
-        sys.exit(f"bench: --dataset {args.dataset} needs --involution, an involution card trained on it: dfkd teacher "
-                 f"train --dataset {args.dataset} --arch rednet_cifar")
     return {"conv": bench_teacher(args.teacher or str(ROOT / "teachers/cifar10_resnet20.json")),
-            "involution": bench_teacher(args.involution)}
+            "involution": bench_teacher(args.involution or str(ROOT / "teachers/cifar10_rednet_cifar.json"))}
 
 
 def load_split(s: Settings, args: argparse.Namespace):
@@ -132,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
     p.add_argument("--teacher", help=TEACHER_HELP + "; on cifar10 the committed ResNet-20")
     p.add_argument("--involution", help="involution teacher card (default on digits: rednet_digits, trained on first "
-                                        "use; needed on cifar10)")
+                                        "use; on cifar10 the committed RedNet)")
     p.add_argument("--pool", help="distil on this pool file (uint8 `images`, `labels`) instead of inverting one")
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--iterations", type=int, help="inversion steps per batch (default: the preset's on digits, "
@@ -158,13 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
                                  "synth": s.synth.model_copy(update={"iterations": args.iterations or
                                                                      s.synth.iterations})})
     teachers = load_teachers(args)
+    split = load_split(s, args)  # before any synthesis: missing data is refused at once
     started = time.perf_counter()
     if args.pool:
         pool = read_pool(args.pool, teachers["conv"].card)
     else:
         with create_synthesizer(teachers["conv"], s.synth) as engine:
             pool = engine.synthesize_classes(list(range(teachers["conv"].card.num_classes)), args.per_class, seed=0)
-    split = load_split(s, args)
     out = {"bench": "ensemble_kd", "dataset": args.dataset, "pool": args.pool,
            "teachers": {k: {"arch": t.card.arch, "test_top1": t.card.metrics.get("test_top1")}
                         for k, t in teachers.items()},

@@ -88,10 +88,15 @@ def test_ensemble_kd_prints_its_json_line(digits_teacher, verifier_card, teacher
     assert out["ensemble_per_teacher"]["runs"][0]["online_logit_rows"] == 0
 
 
-def test_ensemble_kd_on_cifar10_says_what_it_needs():
-    res = subprocess.run([sys.executable, "bench/ensemble_kd.py", "--dataset", "cifar10"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "needs --involution" in res.stderr and "rednet_cifar" in res.stderr
+def test_ensemble_kd_on_cifar10_says_what_it_needs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DFKD_")}
+    bench = [sys.executable, "bench/ensemble_kd.py", "--dataset", "cifar10"]
+    res = subprocess.run(bench, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "DFKD_DATA__CIFAR10_DIR" in res.stderr and "Traceback" not in res.stderr
+    missing = tmp_path / "rednet.json"
+    res = subprocess.run(bench + ["--involution", str(missing)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and f"cannot load the teacher {str(missing)!r}" in res.stderr
 
 
 @pytest.mark.slow  # CIFAR-10 reads and an involution teacher trained: the plumbing, in a minute

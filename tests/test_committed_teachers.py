@@ -27,3 +27,18 @@ def test_the_cifar10_resnet20_teacher_loads_and_scores_its_card():
     x, y = load_cifar10_images(CIFAR_COPY, "test")
     mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
     assert evaluate(teacher.model, x, y, mean, std) == pytest.approx(card.metrics["test_top1"], abs=0.002)
+
+
+def test_the_cifar10_rednet_teacher_loads_and_scores_its_card():
+    """The involution ensemble member of the LIB-KD bench: trained on the training split only, so its card has a
+    validation figure too."""
+    teacher = load_teacher(REPO / "teachers" / "cifar10_rednet_cifar.json")
+    card = teacher.card
+    assert (card.arch, card.num_classes, card.in_chans, card.image_size) == ("rednet_cifar", 10, 3, 32)
+    assert card.recipe["weights_dtype"] == "float16" and card.recipe["refit"] is False
+    assert card.metrics["val_top1"] >= 0.75 and card.metrics["test_top1"] >= 0.75
+    if not (CIFAR_COPY / "test.npz").is_file():
+        pytest.skip(f"no CIFAR-10 copy at {CIFAR_COPY} to score the card against")
+    x, y = load_cifar10_images(CIFAR_COPY, "test")
+    mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
+    assert evaluate(teacher.model, x, y, mean, std) == pytest.approx(card.metrics["test_top1"], abs=0.002)
