@@ -39,6 +39,8 @@ def test_the_cifar10_rednet_teacher_loads_and_scores_its_card():
     assert card.metrics["val_top1"] >= 0.75 and card.metrics["test_top1"] >= 0.75
     if not (CIFAR_COPY / "test.npz").is_file():
         pytest.skip(f"no CIFAR-10 copy at {CIFAR_COPY} to score the card against")
-    x, y = load_cifar10_images(CIFAR_COPY, "test")
+    # 2,000 test images (a fifth of the cost; the fingerprint already pins the weights): a standard error near 0.9
+    # points, so 3 points of tolerance.
+    x, y = load_cifar10_images(CIFAR_COPY, "test", 2000)
     mean, std = torch.tensor(card.mean).view(1, -1, 1, 1), torch.tensor(card.std).view(1, -1, 1, 1)
-    assert evaluate(teacher.model, x, y, mean, std) == pytest.approx(card.metrics["test_top1"], abs=0.002)
+    assert evaluate(teacher.model, x, y, mean, std) == pytest.approx(card.metrics["test_top1"], abs=0.03)

@@ -140,7 +140,7 @@ def image_tensor_bytes(image_shape: tuple[int, ...]) -> int:
     """Bytes of every uint8 image batch alive in this process (torch tensors are tracked by the collector)."""
     gc.collect()
     return sum(o.nbytes for o in gc.get_objects()
-               if isinstance(o, torch.Tensor) and o.dtype == torch.uint8 and tuple(o.shape[1:]) == image_shape)
+               if issubclass(type(o), torch.Tensor) and o.dtype == torch.uint8 and tuple(o.shape[1:]) == image_shape)
 
 
 @pytest.mark.usefixtures("all_cores")  # the service runs in this process alone
