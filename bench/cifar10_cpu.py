@@ -57,6 +57,7 @@ from trainer.engine import DearKDTrainer  # noqa: E402
 from trainer.teacher_train import evaluate, random_crop_flip, train_teacher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+RESNET20_TEACHER = ROOT / "teachers" / "cifar10_resnet20.json"
 CIFAR10_MISSING = ("CIFAR-10 is needed: set DFKD_DATA__CIFAR10_DIR to a cifar-10-batches-py folder, an ImageFolder "
                    "(train/<class>/*.png, test/...) or the npz copy")
 STAGES = ("verifier", "pools", "kd", "vit", "table")
@@ -484,6 +485,18 @@ def stage_kd(run: Run) -> dict:
     return out
 
 
+def bench_split(s: Settings, dataset: str, limit: int | None = None):
+    """The train/val/test split of `dataset` for the benches that take `--dataset` (digits or cifar10, `limit` as
+    `load_cifar10_split`'s); exits with one line when the CIFAR-10 data is not configured."""
+    if dataset == "digits":
+        from shared.data.digits import load_digits_split
+
+        return load_digits_split(s.data.digits_size)
+    if s.data.cifar10_dir is None:
+        sys.exit(f"bench: {CIFAR10_MISSING}")
+    return load_cifar10_split(s.data.cifar10_dir, limit, limit)
+
+
 def vit_settings(run: Run, variant: str) -> Settings:
     b = run.budget
     return cpu_vit_settings(run.settings, b.vit_steps, b.vit_batch, 96 if not run.args.quick else 24,
@@ -592,7 +605,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict]] = {
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default=str(ROOT / "teachers" / "cifar10_resnet20.json"), help="teacher card")
+    p.add_argument("--teacher", default=str(RESNET20_TEACHER), help="teacher card")
     p.add_argument("--work", help="cache folder of every stage (default: runs/cifar10_cpu, --quick: "
                                    "runs/cifar10_cpu_quick)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, in order: {','.join(STAGES)}")

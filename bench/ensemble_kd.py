@@ -30,12 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in
 
 from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher, digits_teacher  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
-from bench.cifar10_cpu import CIFAR10_MISSING, METHOD_CHANGES, cpu_vit_settings  # noqa: E402
+from bench.cifar10_cpu import METHOD_CHANGES, RESNET20_TEACHER, bench_split, cpu_vit_settings  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from shared.config import Settings  # noqa: E402
-from shared.data.cifar10 import load_cifar10_split  # noqa: E402
-from shared.data.digits import load_digits_split  # noqa: E402
 from shared.ensemble import Ensemble  # noqa: E402
 from shared.teacher import Teacher  # noqa: E402
 from shared.wire import LOGIT_VIEWS  # noqa: E402
@@ -89,23 +87,17 @@ def train_variant(s: Settings, teachers: dict[str, Teacher], name: str, pool, sp
             "online_logit_rows": trainer.online_logit_rows, "members": ensemble.names}
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def load_teachers(args: argparse.Namespace) -> dict[str, Teacher]:
     if args.dataset == "digits":
         return {"conv": bench_teacher(args.teacher), "involution": digits_teacher("rednet_digits", args.involution)}
-    return {"conv": bench_teacher(args.teacher or str(ROOT / "teachers/cifar10_resnet20.json")),
-            "involution": bench_teacher(args.involution or str(ROOT / "teachers/cifar10_rednet_cifar.json"))}
+    return {"conv": bench_teacher(args.teacher or str(RESNET20_TEACHER)),
+            "involution": bench_teacher(args.involution or str(RESNET20_TEACHER.parent / "cifar10_rednet_cifar.json"))}
 
 
 def load_split(s: Settings, args: argparse.Namespace):
-    if args.dataset == "digits":
-        return load_digits_split(s.data.digits_size)
-    if s.data.cifar10_dir is None:
-        sys.exit(f"bench: {CIFAR10_MISSING}")
-    split = load_cifar10_split(s.data.cifar10_dir, args.limit, args.limit)
-    split.x_val, split.y_val = split.x_val[:args.limit], split.y_val[:args.limit]
+    split = bench_split(s, args.dataset, args.limit)
+    if args.limit is not None:
+        split.x_val, split.y_val = split.x_val[:args.limit], split.y_val[:args.limit]
     return split
 
 

@@ -26,12 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the in-memory image pool the tests use too
 
 from bench.bench_teacher import bench_teacher, digits_teacher  # noqa: E402
-from bench.cifar10_cpu import CIFAR10_MISSING  # noqa: E402
+from bench.cifar10_cpu import RESNET20_TEACHER, bench_split  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from image_pool import ImagePool  # noqa: E402
 from shared.config import ScaleKDConfig, Settings, TrainConfig  # noqa: E402
-from shared.data.cifar10 import load_cifar10_split  # noqa: E402
-from shared.data.digits import load_digits_split  # noqa: E402
 from shared.data.splits import stratified_subset, unit_to_uint8  # noqa: E402
 from shared.teacher import Teacher  # noqa: E402
 from synth_service.synthesizer import create_synthesizer  # noqa: E402
@@ -40,7 +38,7 @@ from trainer.scalekd import ScaleKDTrainer  # noqa: E402
 DATASETS = ("digits", "cifar10")
 VIT_TEACHER = {"digits": "vit_nano_patch2_16", "cifar10": "vit_nano_patch4_32"}
 # The CNN that inverts for --data synthetic (None: the digits demo's teacher).
-CNN_TEACHER = {"digits": None, "cifar10": str(Path(__file__).resolve().parents[1] / "teachers/cifar10_resnet20.json")}
+CNN_TEACHER = {"digits": None, "cifar10": str(RESNET20_TEACHER)}
 # What each row changes in the ScaleKD settings: plain KD keeps only the logit and label terms.
 ROWS = {
     "kd": dict(spatial_weight=0.0, frequency_weight=0.0, tpp=False),
@@ -74,14 +72,6 @@ def vit_teacher(args: argparse.Namespace) -> Teacher:
         sys.exit(f"bench: --dataset {args.dataset} needs --teacher, a ViT card trained on it: dfkd teacher train "
                  f"--dataset {args.dataset} --arch {VIT_TEACHER[args.dataset]}")
     return bench_teacher(args.teacher)
-
-
-def load_split(s: Settings, dataset: str, limit: int | None):
-    if dataset == "digits":
-        return load_digits_split(s.data.digits_size)
-    if s.data.cifar10_dir is None:
-        sys.exit(f"bench: {CIFAR10_MISSING}")
-    return load_cifar10_split(s.data.cifar10_dir, limit, limit)
 
 
 def train_row(teacher: Teacher, student: str, row: str, train: TrainConfig, images, labels, split, seed: int) -> dict:
@@ -128,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"bench: unknown row or student {unknown} (rows: {', '.join(ROWS)}; students on {args.dataset}: "
                  f"{', '.join(known)}), --seeds below 1, or --fraction outside (0, 1]")
     s = Settings.load(args.dataset)
-    teacher, split = vit_teacher(args), load_split(s, args.dataset, args.limit)
+    teacher, split = vit_teacher(args), bench_split(s, args.dataset, args.limit)
     if (teacher.card.num_classes, teacher.card.image_size) != (int(split.y_train.max()) + 1, split.x_train.shape[-1]):
         sys.exit(f"bench: the teacher {teacher.card.name!r} classifies {teacher.card.num_classes} classes at "
                  f"{teacher.card.image_size} px; {args.dataset} has {int(split.y_train.max()) + 1} at "
