@@ -10,6 +10,8 @@ terms) for each `--scalekd-students` model. The last line printed is one JSON ob
     python bench/trainer_throughput.py --config digits --steps 30      # the digits teacher by default
     python bench/trainer_throughput.py --ensemble runs/teachers/digits_rednet_digits.json
     python bench/trainer_throughput.py --scalekd-teacher runs/teachers/digits_vit_nano_patch2_16.json
+    python bench/trainer_throughput.py --config cifar10 --cpu-vit --teacher teachers/cifar10_resnet20.json \
+        --ensemble teachers/cifar10_rednet_cifar.json                  # the CIFAR-10 CPU bench's student
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_teacher import HELP as TEACHER_HELP, bench_teacher  # noqa: E402
+from bench.cifar10_cpu import cpu_vit_settings  # noqa: E402
 from bench.synth_throughput import git_commit  # noqa: E402
 from shared.config import ScaleKDConfig, Settings, resolve_device  # noqa: E402
 from shared.ensemble import Ensemble  # noqa: E402
@@ -118,8 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ensemble", action="append", default=[], help="a further teacher card (repeatable)")
     p.add_argument("--scalekd-teacher", help="a ViT teacher card: adds ScaleKD against plain logit KD")
     p.add_argument("--scalekd-students", default="resnet8,mixer_nano_patch2_16")
+    p.add_argument("--cpu-vit", action="store_true", help="the CPU-scale DearKD ViT and recipe of "
+                                                          "bench/cifar10_cpu.py (96 wide, 6 blocks) as the student")
     args = p.parse_args(argv)
     s = Settings.load(args.config)
+    if args.cpu_vit:
+        s = cpu_vit_settings(s, s.train.steps, args.batch or 64)
     device = resolve_device(args.device)
     teacher = bench_teacher(args.teacher)
     batch = args.batch or s.train.batch_size

@@ -48,13 +48,15 @@ def test_http_coalescing_prints_its_json_line(digits_teacher, teacher_dir):
     assert out["one_full_batch"]["engine_batches"] == 1 and out["one_full_batch"]["batch_fill"] == 1.0
 
 
-def test_trainer_throughput_prints_its_json_line(digits_teacher, teacher_dir):
+def test_trainer_throughput_prints_its_json_line_for_the_cpu_vit(digits_teacher, teacher_dir):
     res = subprocess.run([sys.executable, "bench/trainer_throughput.py", "--teacher",
                           str(teacher_dir / "digits_cnn.json"), "--steps", "2", "--warmup", "1", "--batch", "8",
-                          "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                          "--device", "cpu", "--cpu-vit"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["bench"] == "trainer_throughput" and out["batch"] == 8
+    # --cpu-vit: the CIFAR-10 CPU bench's ViT, whatever the preset's student
+    assert (out["student"]["embed_dim"], out["student"]["depth"]) == (96, 6)
     for key in ("stage1_images_per_s", "stage2_images_per_s", "bare_timm_images_per_s"):
         assert out[key] > 0
 
