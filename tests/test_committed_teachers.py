@@ -46,3 +46,14 @@ def test_the_cifar10_rednet_teacher_loads_and_scores_its_card():
     # 2,000 test images (a fifth of the cost; the fingerprint already pins the weights): a standard error near 0.9
     # points, so 3 points of tolerance.
     assert scored_top1(teacher, 2000) == pytest.approx(card.metrics["test_top1"], abs=0.03)
+
+
+def test_the_cifar10_vit_teacher_loads_and_scores_its_card():
+    """The ViT teacher of the CIFAR-10 ScaleKD bench (LayerNorm, so it teaches but cannot invert)."""
+    teacher = load_teacher(REPO / "teachers" / "cifar10_vit_nano_patch4_32.json")
+    card = teacher.card
+    assert (card.arch, card.num_classes, card.in_chans, card.image_size) == ("vit_nano_patch4_32", 10, 3, 32)
+    assert card.recipe["weights_dtype"] == "float16" and card.recipe["refit"] is False
+    assert card.metrics["val_top1"] >= 0.75 and card.metrics["test_top1"] >= 0.75
+    assert (REPO / "teachers" / card.weights).stat().st_size < 1_500_000
+    assert scored_top1(teacher, 2000) == pytest.approx(card.metrics["test_top1"], abs=0.03)  # as for the RedNet

@@ -92,10 +92,14 @@ CIFAR_ROOT = REPO.parent / "shared/data/cifar10"
 SCALEKD_CIFAR = [sys.executable, "bench/scalekd_ablation.py", "--dataset", "cifar10"]
 
 
-def test_the_scalekd_ablation_bench_on_cifar10_says_what_it_needs():
-    missing = subprocess.run(SCALEKD_CIFAR, cwd=REPO, capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "DFKD_DATA__CIFAR10_DIR": str(CIFAR_ROOT)})
-    assert missing.returncode != 0 and "needs --teacher" in missing.stderr and "vit_nano_patch4_32" in missing.stderr
+def test_the_scalekd_ablation_bench_on_cifar10_says_what_it_needs(tmp_path):
+    no_data = {k: v for k, v in os.environ.items() if not k.startswith("DFKD_")}
+    res = subprocess.run(SCALEKD_CIFAR, cwd=REPO, capture_output=True, text=True, timeout=120, env=no_data)
+    assert res.returncode != 0 and "DFKD_DATA__CIFAR10_DIR" in res.stderr and "Traceback" not in res.stderr
+    missing = tmp_path / "vit.json"
+    res = subprocess.run(SCALEKD_CIFAR + ["--teacher", str(missing)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env=no_data)
+    assert res.returncode != 0 and f"cannot load the teacher {str(missing)!r}" in res.stderr
     wrong = subprocess.run(SCALEKD_CIFAR + ["--teacher", "any", "--students", "mixer_nano_patch2_16"], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode != 0 and "mixer_nano_patch4_32" in wrong.stderr  # the digits Mixer is refused by name
