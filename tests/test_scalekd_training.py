@@ -9,13 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from shared.config import Settings, TeacherRecipe
 from shared.data.digits import load_digits_split
+from shared.data.splits import unit_to_uint8
 from shared.models import create_model
 from shared.teacher import load_teacher
 from shared.weights import load_weights
+from shared.wire import SynthesisRecord, WireBatch
 from trainer.imagefolder_export import export_digits
+from trainer.store import SyntheticStore
 from trainer.teacher_train import train_teacher
 from trainer.training import run_training
 
@@ -135,3 +139,27 @@ def test_trainer_throughput_times_scalekd_against_plain_kd(digits_teacher, teach
     assert out["teacher"] == "vit_nano_patch2_16"
     rates = out["resnet8"]
     assert rates["scalekd"] > 0 and rates["plain_kd"] > 0 and rates["scalekd_over_plain_kd"] > 0
+
+
+def test_scalekd_teaches_on_the_cnn_teachers_synthetic_batches(digits_teacher, digits_settings, vit_card, tmp_path):
+    """The data-free case: batches the CNN teacher synthesised (here, stored as the stream consumer stores them), no
+    real images; the ViT teacher relabels and teaches on them, and the run resumes from the same store."""
+    card = digits_teacher.card
+    pixels = unit_to_uint8(load_digits_split(16).x_val[:48])
+    store = SyntheticStore(tmp_path / "store")
+    with torch.no_grad():
+        labels = digits_teacher.model((pixels.float() / 255 - torch.tensor(card.mean).view(1, -1, 1, 1)) /
+                                      torch.tensor(card.std).view(1, -1, 1, 1)).argmax(1)
+    for i in range(2):
+        store.put(WireBatch(batch_id=f"b-{i}", sequence=i, producer_id="p", teacher_fingerprint=card.fingerprint,
+                            mean=tuple(card.mean), std=tuple(card.std), labels=labels.roll(i, 0).tolist(),
+                            images=pixels.roll(i, 0).numpy(), synthesis=SynthesisRecord(seed=i)))
+    settings = scalekd_settings(digits_settings, tmp_path, vit_card, 4)
+    settings = settings.model_copy(update={"train": settings.train.model_copy(
+        update={"real_dir": None, "real_fraction": 0.0, "checkpoint_every": 2})})
+    first = run_training(settings.model_copy(update={"train": settings.train.model_copy(update={"steps": 2})}),
+                         digits_teacher, log=lambda m: None)
+    assert first["step"] == 2 and first["synthetic_seen"] == 2 * 32 and first["real_seen"] == 0
+    assert first["teacher_calls"] == 2 and first["ensemble"] == [load_teacher(vit_card).card.name]
+    again = run_training(settings, digits_teacher, log=lambda m: None)
+    assert again["step"] == 4 and again["teacher_calls"] == 2 and again["real_seen"] == 0
