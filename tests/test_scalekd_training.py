@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from shared.config import Settings, TeacherRecipe
 from shared.data.digits import load_digits_split
 from shared.data.splits import unit_to_uint8
+from shared.ensemble import Ensemble
 from shared.models import create_model
 from shared.teacher import load_teacher
 from shared.weights import load_weights
@@ -147,9 +147,7 @@ def test_scalekd_teaches_on_the_cnn_teachers_synthetic_batches(digits_teacher, d
     card = digits_teacher.card
     pixels = unit_to_uint8(load_digits_split(16).x_val[:48])
     store = SyntheticStore(tmp_path / "store")
-    with torch.no_grad():
-        labels = digits_teacher.model((pixels.float() / 255 - torch.tensor(card.mean).view(1, -1, 1, 1)) /
-                                      torch.tensor(card.std).view(1, -1, 1, 1)).argmax(1)
+    labels = Ensemble([digits_teacher]).logits(pixels, ("identity",))[0, 0].argmax(1)  # the CNN's own labels
     for i in range(2):
         store.put(WireBatch(batch_id=f"b-{i}", sequence=i, producer_id="p", teacher_fingerprint=card.fingerprint,
                             mean=tuple(card.mean), std=tuple(card.std), labels=labels.roll(i, 0).tolist(),
